@@ -1,0 +1,44 @@
+"""Checkpoints in: Hugging Face safetensors, bitsandbytes 4-bit safetensors, GGUF, built-in models.
+
+Every reader yields ``(transformers name, tensor)`` one tensor at a time, so a loader can
+quantize or shard each weight as it arrives.
+"""
+
+from qlora_jax.checkpoints.bnb_format import (
+    bnb_quantization_config,
+    bnb_tensors_to_quant4bit,
+    is_bnb_4bit_checkpoint,
+    iter_bnb_checkpoint,
+    quant4bit_to_bnb_tensors,
+    save_bnb_checkpoint,
+)
+from qlora_jax.checkpoints.builtin import (
+    BUILTIN_MODELS,
+    DEFAULT_BUILTIN,
+    builtin_names,
+    is_builtin,
+    resolve_builtin,
+)
+from qlora_jax.checkpoints.gguf_reader import (
+    gguf_config,
+    gguf_tensor_shapes,
+    gguf_tokenizer,
+    iter_gguf_tensors,
+    open_gguf,
+)
+from qlora_jax.checkpoints.hf_reader import (
+    SafetensorsReader,
+    hf_config,
+    hf_tensor_shapes,
+    iter_hf_tensors,
+    load_tokenizer,
+    normalize_config,
+)
+
+__all__ = [
+    "BUILTIN_MODELS", "DEFAULT_BUILTIN", "SafetensorsReader", "bnb_quantization_config",
+    "bnb_tensors_to_quant4bit", "builtin_names", "gguf_config", "gguf_tensor_shapes", "gguf_tokenizer",
+    "hf_config", "hf_tensor_shapes", "is_bnb_4bit_checkpoint", "is_builtin", "iter_bnb_checkpoint",
+    "iter_gguf_tensors", "iter_hf_tensors", "load_tokenizer", "normalize_config", "open_gguf",
+    "quant4bit_to_bnb_tensors", "resolve_builtin", "save_bnb_checkpoint",
+]

@@ -1,0 +1,125 @@
+"""Adapters in PEFT's format: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+Keys are ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight``
+([out, r]), ``<module>`` the transformers module name (``model.layers.3.self_attn.q_proj``), so
+``peft.PeftModel.from_pretrained(transformers_model, dir)`` loads them. ``target_modules`` lists
+the adapted projection names, ``layers_to_transform`` the adapted layers when not all are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_PREFIX = "base_model.model."
+
+
+def adapter_tensors(model) -> dict[str, np.ndarray]:
+    """PEFT-named float32 adapter tensors of every adapted linear of ``model``."""
+    out: dict[str, np.ndarray] = {}
+    for view in model.iter_linears():
+        if view.adapted:
+            out[f"{_PREFIX}{view.hf_name}.lora_A.weight"] = np.ascontiguousarray(view.lora_a())
+            out[f"{_PREFIX}{view.hf_name}.lora_B.weight"] = np.ascontiguousarray(view.lora_b())
+    return out
+
+
+def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model: str = "") -> Path:
+    """Write ``model``'s adapters as a PEFT LoRA adapter directory; returns the directory."""
+    lora = model.lora_config
+    if lora is None:
+        raise ValueError("the model has no LoRA adapters to save")
+    out = Path(out_dir)
+    if jax.process_index() != 0:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_tensors(model)
+    adapted = [v for v in model.iter_linears() if v.adapted]
+    projections = sorted({v.proj for v in adapted})
+    layers = sorted({v.layer for v in adapted})
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "use_rslora": lora.use_rslora,
+        "target_modules": projections,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    if len(layers) != model.config.num_hidden_layers:
+        config["layers_to_transform"] = layers
+    tmp = out / (ADAPTER_WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / ADAPTER_WEIGHTS)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    return out
+
+
+def load_peft_adapter(model, adapter_dir: str | os.PathLike) -> None:
+    """Set ``model``'s adapter values from a PEFT adapter directory (in place).
+
+    The adapter's r, lora_alpha and use_rslora must equal the model's LoRA config, and every
+    adapted linear of the model must have its two tensors: a clear error names what differs.
+    """
+    adapter_dir = Path(adapter_dir)
+    cfg_path = adapter_dir / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {adapter_dir}")
+    cfg = json.loads(cfg_path.read_text())
+    lora = model.lora_config
+    if lora is None:
+        raise ValueError("the model has no LoRA adapters to load into")
+    diffs = [f"{k}: adapter {cfg.get(k)!r} vs model {v!r}"
+             for k, v in (("r", lora.r), ("lora_alpha", lora.alpha), ("use_rslora", lora.use_rslora))
+             if cfg.get(k, False if k == "use_rslora" else None) != v]
+    if diffs:
+        raise ValueError(f"{cfg_path}: LoRA config differs from the model's: " + "; ".join(diffs))
+    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    by_linear: dict[int, tuple[Any, list]] = {}
+    missing = []
+    for view in model.iter_linears():
+        if not view.adapted:
+            continue
+        ka, kb = f"{_PREFIX}{view.hf_name}.lora_A.weight", f"{_PREFIX}{view.hf_name}.lora_B.weight"
+        if ka not in tensors or kb not in tensors:
+            missing.append(view.hf_name)
+            continue
+        entry = by_linear.setdefault(id(view.linear), (view.linear, []))
+        entry[1].append((view.layer, tensors[ka], tensors[kb]))
+    if missing:
+        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS} lacks adapters for: {', '.join(missing[:8])}"
+                         + (" ..." if len(missing) > 8 else ""))
+    for linear, items in by_linear.values():
+        a, b = linear.lora_a.get_value(), linear.lora_b.get_value()
+        a_np, b_np = np.array(a, np.float32), np.array(b, np.float32)
+        for layer, ta, tb in items:
+            if a_np[layer].shape != ta.shape or b_np[layer].shape != tb.shape:
+                raise ValueError(f"adapter shapes {ta.shape}/{tb.shape} do not fit layer {layer} "
+                                 f"({a_np[layer].shape}/{b_np[layer].shape})")
+            a_np[layer], b_np[layer] = ta, tb
+        linear.lora_a.set_value(_like(a, a_np))
+        linear.lora_b.set_value(_like(b, b_np))
+
+
+def _like(ref: jax.Array, values: np.ndarray) -> jax.Array:
+    out = jnp.asarray(values, ref.dtype)
+    sharding = getattr(ref, "sharding", None)
+    return jax.device_put(out, sharding) if sharding is not None else out
+
+
+__all__ = ["adapter_tensors", "save_peft_adapter", "load_peft_adapter"]

@@ -1,0 +1,242 @@
+"""LoRA adapters: which linears get one, how they start, how they scale, how they merge.
+
+An adapted linear computes ``y = x W^T + dropout(x) A^T B^T * s`` with ``A`` (``lora_a``) of shape
+``[r, in]`` and ``B`` (``lora_b``) of shape ``[out, r]`` -- exactly PEFT's ``lora_A.weight`` and
+``lora_B.weight`` -- and ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+
+Adapters are held in their own variable type, :class:`LoRAParam`, which deliberately does *not*
+subclass ``nnx.Param``: ``nnx.state(model, LoRAParam)`` (or :func:`trainable_state`) selects
+exactly the trainable weights, for the optimizer, for gradients and for adapter checkpoints.
+
+This module imports nothing from ``qlora_jax.models`` (the models import it); the functions that
+walk a model use the model's ``iter_linears()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import zlib
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+if TYPE_CHECKING:
+    from qlora_jax.models.config import ModelConfig
+
+# The seven linears of a LLaMA / Qwen decoder layer, in HF naming, and the block each lives in.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTION_BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+                    "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+ALL_LINEAR = "all-linear"  # shorthand for all seven (never lm_head, as in QLoRA)
+LORA_INITS = ("peft", "gaussian")
+
+
+class LoRAParam(nnx.Variable):
+    """A trainable low-rank adapter weight (``lora_a`` [r, in] or ``lora_b`` [out, r]).
+
+    Not a subclass of ``nnx.Param``, so filtering on it never picks up a frozen base weight.
+    """
+
+
+# The filter that selects everything the optimizer updates.
+TRAINABLE = LoRAParam
+
+
+def module_path(layer: int, proj: str) -> str:
+    """Path of a decoder linear that targets are matched against, e.g. "layers.3.self_attn.q_proj"."""
+    return f"layers.{layer}.{PROJECTION_BLOCK[proj]}.{proj}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Where adapters go and how they are initialised and scaled.
+
+    ``targets``: a sequence of names, each matching a module whose path equals it or ends with
+    ``"." + name`` (PEFT's rule: ``"q_proj"``, ``"self_attn.q_proj"``, ``"layers.3.mlp.up_proj"``);
+    or one regex string, matched with ``re.fullmatch`` against the path
+    ``"layers.{i}.{self_attn|mlp}.{proj}"`` or the same prefixed with ``"model."`` (PEFT's key),
+    so a PEFT ``target_modules`` regex carries over; or ``"all-linear"`` for all seven
+    projections. A target that selects nothing raises.
+    """
+
+    r: int = 8  # rank
+    alpha: float = 16.0  # scale numerator: s = alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = 0.0  # dropout on the adapter's input only (the base path sees x as is)
+    targets: tuple[str, ...] | str = ALL_LINEAR  # see class docstring
+    init: str = "peft"  # "peft": A ~ U(+-1/sqrt(in)); "gaussian": A ~ N(0, init_std^2). B = 0.
+    init_std: float = 0.01  # std of A for init="gaussian"
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    dtype: str = "float32"  # storage dtype of A and B
+
+    def __post_init__(self):
+        if isinstance(self.targets, (list, tuple)):
+            object.__setattr__(self, "targets", tuple(str(t) for t in self.targets))
+            if not self.targets:
+                raise ValueError("LoraConfig.targets is empty")
+        elif not isinstance(self.targets, str):
+            raise TypeError(f"LoraConfig.targets must be a sequence of names or a regex string, "
+                            f"got {type(self.targets).__name__}")
+        if self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in LORA_INITS:
+            raise ValueError(f"LoraConfig.init must be one of {LORA_INITS}, got {self.init!r}")
+
+    @property
+    def scale(self) -> float:
+        """s in ``x W^T + s x A^T B^T``."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def matches(self, path: str) -> bool:
+        """Whether the linear at ``path`` ("layers.3.self_attn.q_proj") gets an adapter."""
+        if self.targets == ALL_LINEAR:
+            return path.rsplit(".", 1)[-1] in PROJECTIONS
+        if isinstance(self.targets, str):
+            return bool(re.fullmatch(self.targets, path) or re.fullmatch(self.targets, "model." + path))
+        return any(path == t or path.endswith("." + t) for t in self.targets)
+
+    def layer_mask(self, num_layers: int, proj: str) -> tuple[bool, ...]:
+        """For one projection, whether each decoder layer's copy of it is adapted."""
+        return tuple(self.matches(module_path(i, proj)) for i in range(num_layers))
+
+    def targeted_modules(self, num_layers: int) -> list[str]:
+        """Every adapted module path, in layer order; raises if the targets select nothing."""
+        paths = [module_path(i, p) for i in range(num_layers) for p in PROJECTIONS]
+        chosen = [p for p in paths if self.matches(p)]
+        if not chosen:
+            raise ValueError(f"LoraConfig.targets={self.targets!r} matches no linear; module paths "
+                             f"look like {paths[0]!r}")
+        return chosen
+
+
+def init_lora_a(key: jax.Array, lora: LoraConfig, in_features: int) -> jax.Array:
+    """``lora_a`` [r, in] at init.
+
+    "peft": PEFT's default, ``kaiming_uniform_(a=sqrt(5))`` = U(-1/sqrt(in), 1/sqrt(in)).
+    "gaussian": N(0, init_std^2) (std 0.01, as in the seed experiments).
+    """
+    shape = (lora.r, in_features)
+    if lora.init == "peft":
+        bound = 1.0 / math.sqrt(in_features)
+        a = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    else:
+        a = lora.init_std * jax.random.normal(key, shape, jnp.float32)
+    return a.astype(lora.dtype)
+
+
+def init_lora_b(lora: LoraConfig, out_features: int) -> jax.Array:
+    """``lora_b`` [out, r] at init: zeros, so an adapted model starts equal to its base."""
+    return jnp.zeros((out_features, lora.r), lora.dtype)
+
+
+def init_adapters(model: nnx.Module, lora: LoraConfig, key: jax.Array) -> None:
+    """(Re)initialize every adapter of ``model`` in place: ``lora_a`` per ``lora.init``, ``lora_b`` = 0.
+
+    Each ``lora_a`` gets a key folded from ``key`` and its own path in the tree (and split per
+    layer of a stacked array), so the values depend only on the seed and the module's name: a
+    model built directly and one built from a checkpoint start from the same adapters.
+    """
+    for path, var in nnx.iter_graph(model):
+        if not isinstance(var, LoRAParam):
+            continue
+        value = var.get_value()
+        name = ".".join(str(p) for p in path)
+        if path[-1] == "lora_b":
+            var.set_value(jnp.zeros(value.shape, lora.dtype))
+            continue
+        lead, (r, in_features) = value.shape[:-2], value.shape[-2:]
+        if r != lora.r:
+            raise ValueError(f"{name} has rank {r}, LoraConfig.r is {lora.r}")
+        keys = jax.random.split(jax.random.fold_in(key, zlib.crc32(name.encode())), math.prod(lead))
+        a = jax.vmap(lambda k: init_lora_a(k, lora, in_features))(keys)
+        var.set_value(a.reshape(value.shape))
+
+
+def trainable_state(model: nnx.Module) -> nnx.State:
+    """The adapters of ``model`` (everything the optimizer updates)."""
+    return nnx.state(model, LoRAParam)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCounts:
+    """Analytic parameter counts.
+
+    ``total``: every parameter (base + adapters), tied embeddings counted once.
+    ``trainable``: adapter parameters.
+    ``total_4bit``: as bitsandbytes/PEFT report a 4-bit model: a packed 4-bit weight counts
+    ``numel / 2`` (its uint8 elements); quantization statistics are not counted.
+    """
+
+    total: int
+    trainable: int
+    total_4bit: int
+
+    @property
+    def trainable_percent(self) -> float:
+        """100 * trainable / total_4bit: the figure PEFT prints for a QLoRA model."""
+        return 100.0 * self.trainable / self.total_4bit
+
+    @property
+    def trainable_percent_full(self) -> float:
+        return 100.0 * self.trainable / self.total
+
+
+def count_params(config: ModelConfig, lora: LoraConfig | None = None) -> ParamCounts:
+    """Count parameters from the config alone (no weights), with every decoder linear 4-bit."""
+    shapes = config.linear_shapes()
+    h, n = config.hidden_size, config.num_hidden_layers
+    linear_weights = n * sum(o * i for o, i in shapes.values())
+    biases = n * sum(o for p, (o, _) in shapes.items() if config.linear_has_bias(p))
+    norms = n * (2 * h + (2 * config.head_dim if config.qk_norm else 0)) + h
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    adapters = 0
+    if lora is not None:
+        for path in lora.targeted_modules(n):
+            out_f, in_f = shapes[path.rsplit(".", 1)[-1]]
+            adapters += lora.r * (in_f + out_f)
+    unquantized = biases + norms + embeddings + adapters
+    return ParamCounts(total=linear_weights + unquantized, trainable=adapters,
+                       total_4bit=linear_weights // 2 + unquantized)
+
+
+def merge_linear(weight: Any, lora_a: Any, lora_b: Any, scale: float) -> np.ndarray:
+    """Dense merged weight ``W + s * B @ A`` [out, in] in float32 (numpy)."""
+    w = np.asarray(weight, np.float32)
+    delta = np.asarray(lora_b, np.float32) @ np.asarray(lora_a, np.float32)
+    return w + np.float32(scale) * delta
+
+
+def merge_lora(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Merged float32 weights of every adapted linear, keyed by transformers name.
+
+    E.g. ``{"model.layers.0.self_attn.q_proj.weight": W + s B A, ...}``; a quantized base weight is
+    dequantized first. Linears without an adapter are not included; for a complete merged state
+    dict use ``qlora_jax.models.iter_hf_tensors(model, merge_lora=True)``.
+    """
+    merged = {}
+    for view in model.iter_linears():
+        if view.adapted:
+            a, b = view.lora_a(), view.lora_b()
+            merged[view.hf_name + ".weight"] = merge_linear(view.base_weight(), a, b, view.scale)
+    return merged
+
+
+def peft_adapter_tensors(model: nnx.Module, prefix: str = "base_model.model.") -> dict[str, np.ndarray]:
+    """Adapters under PEFT's ``adapter_model.safetensors`` names, float32.
+
+    ``{prefix}model.layers.{i}.self_attn.q_proj.lora_A.weight`` [r, in] and ``...lora_B.weight``
+    [out, r]; only adapted linears.
+    """
+    tensors = {}
+    for view in model.iter_linears():
+        if view.adapted:
+            tensors[f"{prefix}{view.hf_name}.lora_A.weight"] = np.asarray(view.lora_a(), np.float32)
+            tensors[f"{prefix}{view.hf_name}.lora_B.weight"] = np.asarray(view.lora_b(), np.float32)
+    return tensors
+

@@ -1,0 +1,279 @@
+"""Building blocks of the decoder: the QLoRA linear, RMSNorm, embeddings, rotary embeddings,
+attention masks and attention.
+
+Variable types (the whole parameter tree is made of these three plus ``LoRAParam``):
+
+* :class:`BaseParam`: a frozen float weight kept in ``param_dtype`` (embeddings, norms, lm_head,
+  biases, and decoder linears when quantization is off).
+* :class:`QuantParam`: a frozen decoder linear stored as a :class:`~qlora_jax.quant.Quant4bit`
+  (uint8 ``packed`` codes, ``absmax``, ``nested_absmax``, ``offset``).
+* :class:`~qlora_jax.lora.LoRAParam`: the trainable adapters.
+
+Memory contract of the frozen matmul: the backward pass re-materializes the weight from what is
+stored (dequantizing NF4, or casting a dense weight to the compute dtype) instead of saving the
+``[out, in]`` float weight as a residual. With quantization this is what keeps QLoRA's training
+memory at the size of the 4-bit model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qlora_jax import lora as lora_lib
+from qlora_jax.models.config import ModelConfig, QuantConfig
+from qlora_jax.quant import Quant4bit, dequantize_4bit, quantize_4bit
+
+INIT_STD = 0.02  # transformers' initializer_range for these families; used for random init only
+
+
+class BaseParam(nnx.Variable):
+    """A frozen, unquantized base-model weight (never updated by the optimizer)."""
+
+
+class QuantParam(nnx.Variable):
+    """A frozen base-model weight stored 4-bit; its value is a ``Quant4bit`` pytree."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen matmul: x @ W^T with W recomputed (not saved) for the backward pass.
+
+def materialize_weight(w: jax.Array | Quant4bit, dtype: Any) -> jax.Array:
+    """The ``[out, in]`` weight in ``dtype``, from either a dense array or a ``Quant4bit``."""
+    if isinstance(w, Quant4bit):
+        return dequantize_4bit(w, dtype)
+    return w.astype(dtype)
+
+
+@jax.custom_vjp
+def frozen_matmul(x: jax.Array, w: jax.Array | Quant4bit) -> jax.Array:
+    """``x [..., in] @ W^T -> [..., out]`` in ``x.dtype``, where ``W [out, in]`` is frozen.
+
+    The custom VJP returns no gradient for ``W`` and saves only ``W`` as stored (4-bit codes and
+    statistics, or the parameter array itself) for the backward pass, which materializes it
+    again to compute ``dx = g @ W``. Without it, autodiff would keep the dequantized (or cast)
+    float ``[out, in]`` weight of every layer alive from the forward to the backward pass.
+    """
+    return jnp.einsum("...i,oi->...o", x, materialize_weight(w, x.dtype))
+
+
+def _frozen_matmul_fwd(x, w):
+    return frozen_matmul(x, w), w
+
+
+def _frozen_matmul_bwd(w, g):
+    dx = jnp.einsum("...o,oi->...i", g, materialize_weight(w, g.dtype))
+    return dx, None  # None: the frozen weight gets a zero cotangent
+
+
+frozen_matmul.defvjp(_frozen_matmul_fwd, _frozen_matmul_bwd)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _take_layer(tree: Any, index: int | None) -> Any:
+    return tree if index is None else jax.tree.map(lambda a: a[index], tree)
+
+
+class QLoRALinear(nnx.Module):
+    """``y = x W^T (+ b) + dropout(x) A^T B^T * s``: a frozen (optionally NF4) linear with LoRA.
+
+    ``weight`` is HF ``[out, in]``: a ``QuantParam(Quant4bit)`` when ``quant`` is set, else a
+    ``BaseParam`` array. ``lora_a`` [r, in] and ``lora_b`` [out, r] (PEFT's shapes) exist when
+    ``lora`` is given. Inside a stacked (scanned) decoder every array gains a leading layer axis;
+    ``index`` arguments of the inspection methods select one layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
+                 quant: QuantConfig | None = None, lora: lora_lib.LoraConfig | None = None,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+        self.lora_config = lora
+        self.scale = lora.scale if lora is not None else 0.0
+        w = (INIT_STD * jax.random.normal(rngs.params(), (out_features, in_features))).astype(param_dtype)
+        if quant is not None:
+            self.weight = QuantParam(quantize_4bit(w, quant_type=quant.quant_type, blocksize=quant.blocksize,
+                                                   double_quant=quant.double_quant))
+        else:
+            self.weight = BaseParam(w)
+        self.bias = BaseParam(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+        if lora is not None:
+            self.lora_a = lora_lib.LoRAParam(lora_lib.init_lora_a(rngs.params(), lora, in_features))
+            self.lora_b = lora_lib.LoRAParam(lora_lib.init_lora_b(lora, out_features))
+        else:
+            self.lora_a = self.lora_b = None
+
+    @property
+    def adapted(self) -> bool:
+        return self.lora_a is not None
+
+    def __call__(self, x: jax.Array, *, lora_enabled: bool = True, dropout_key: jax.Array | None = None,
+                 lora_gate: jax.Array | None = None) -> jax.Array:
+        """``x [..., in] -> [..., out]`` in the compute dtype.
+
+        ``lora_enabled=False`` gives the base model's output. ``dropout_key`` turns on adapter
+        dropout. ``lora_gate`` (a scalar, 0 or 1) multiplies the adapter's contribution; it marks
+        layers of a stacked decoder whose copy of this linear is not targeted.
+        """
+        x = x.astype(self.dtype)
+        y = frozen_matmul(x, self.weight.get_value())
+        if self.bias is not None:
+            y = y + self.bias.get_value().astype(self.dtype)
+        if self.adapted and lora_enabled:
+            xd = _dropout(x, self.lora_config.dropout, dropout_key)
+            a = self.lora_a.get_value().astype(self.dtype)  # [r, in]
+            b = self.lora_b.get_value().astype(self.dtype)  # [out, r]
+            delta = jnp.einsum("...r,or->...o", jnp.einsum("...i,ri->...r", xd, a), b)
+            delta = delta * jnp.asarray(self.scale, self.dtype)
+            if lora_gate is not None:
+                delta = delta * lora_gate.astype(self.dtype)
+            y = y + delta
+        return y
+
+    # Inspection (host-side, float32 numpy): used by merging and export.
+    def base_weight(self, index: int | None = None) -> np.ndarray:
+        """The frozen ``[out, in]`` weight of one layer (dequantized if 4-bit), float32."""
+        return np.asarray(materialize_weight(_take_layer(self.weight.get_value(), index), jnp.float32))
+
+    def bias_value(self, index: int | None = None) -> np.ndarray | None:
+        if self.bias is None:
+            return None
+        return np.asarray(_take_layer(self.bias.get_value(), index), np.float32)
+
+    def lora_weights(self, index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(lora_a [r, in], lora_b [out, r])`` of one layer, float32."""
+        if not self.adapted:
+            raise ValueError("this linear has no LoRA adapter")
+        return (np.asarray(_take_layer(self.lora_a.get_value(), index), np.float32),
+                np.asarray(_take_layer(self.lora_b.get_value(), index), np.float32))
+
+
+class RMSNorm(nnx.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)``, normalized in float32 then cast back (as HF)."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: Any = jnp.float32):
+        self.eps = eps
+        self.weight = BaseParam(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight.get_value().astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+    """Token embedding table ``weight [vocab, hidden]``; also the output head when tied."""
+
+    def __init__(self, vocab_size: int, dim: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.dtype = jnp.dtype(dtype)
+        self.weight = BaseParam((INIT_STD * jax.random.normal(rngs.params(), (vocab_size, dim))).astype(param_dtype))
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight.get_value(), input_ids, axis=0).astype(self.dtype)
+
+
+class LMHead(nnx.Module):
+    """Untied output projection ``weight [vocab, hidden]`` (HF ``lm_head.weight``), frozen."""
+
+    def __init__(self, vocab_size: int, dim: int, *, param_dtype: Any, rngs: nnx.Rngs):
+        self.weight = BaseParam((INIT_STD * jax.random.normal(rngs.params(), (vocab_size, dim))).astype(param_dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embeddings.
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies ``[head_dim / 2]`` (float32), with the config's rope scaling applied.
+
+    Computed in float32 in the same order of operations as transformers, so that the angles, and
+    therefore long-position logits, agree closely.
+    """
+    dim = config.head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate the band between.
+    factor, lo, hi = (np.float32(v) for v in (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor))
+    old_len = np.float32(scaling.original_max_position_embeddings)
+    low_freq_wavelen, high_freq_wavelen = old_len / lo, old_len / hi
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin [batch, seq, head_dim]`` for integer ``positions [batch, seq]`` (angles in f32)."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [b, s, d/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [batch, seq, heads, head_dim]`` in HF's half-split layout (rotate_half)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed sequences and attention.
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Positions ``[batch, seq]`` that restart at 0 wherever the segment id changes.
+
+    Segments must be contiguous; distinct sequences in a row need distinct ids (0 = padding).
+    """
+    seq = segment_ids.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), segment_ids.shape)
+    previous = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+    starts = jnp.where(segment_ids != previous, idx, 0)
+    return idx - jax.lax.cummax(starts, axis=1)
+
+
+def attention_mask(segment_ids: jax.Array | None, seq: int) -> jax.Array:
+    """Boolean ``[batch or 1, 1, seq, seq]``: causal, and within one segment when packed.
+
+    Padding (segment 0) attends only to earlier padding, so no row is fully masked (no NaNs) and
+    no real token ever sees padding.
+    """
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None]
+    if segment_ids is None:
+        return causal
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    return causal & same
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl: str = "jax") -> jax.Array:
+    """Scaled dot-product attention with grouped KV heads.
+
+    ``q [b, t, heads, d]``, ``k, v [b, s, kv_heads, d]``, ``mask`` boolean broadcastable to
+    ``[b, heads, t, s]`` -> ``[b, t, heads, d]``. Scores and softmax in float32.
+    """
+    scale = q.shape[-1] ** -0.5
+    if impl == "jax":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    b, t, n, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)

@@ -1,0 +1,274 @@
+"""The LLaMA / Qwen decoder as a Flax NNX module, with frozen (optionally NF4) base weights and
+LoRA adapters.
+
+Parameter tree (transformers names with the ``model.`` prefix dropped and the layer index moved
+into a leading axis of every decoder-layer array)::
+
+    embed_tokens.weight                         BaseParam [vocab, hidden]
+    layers.input_layernorm.weight               BaseParam [L, hidden]
+    layers.self_attn.{q,k,v,o}_proj.weight      QuantParam(Quant4bit) or BaseParam [L, out, in]
+    layers.self_attn.{q,k,v,o}_proj.bias        BaseParam [L, out]        (if the family has it)
+    layers.self_attn.{q,k,v,o}_proj.lora_a      LoRAParam [L, r, in]      (if targeted)
+    layers.self_attn.{q,k,v,o}_proj.lora_b      LoRAParam [L, out, r]     (if targeted)
+    layers.self_attn.{q,k}_norm.weight          BaseParam [L, head_dim]   (qwen3)
+    layers.post_attention_layernorm.weight      BaseParam [L, hidden]
+    layers.mlp.{gate,up,down}_proj.*            as the attention projections
+    norm.weight                                 BaseParam [hidden]
+    lm_head.weight                              BaseParam [vocab, hidden] (untied only)
+
+A ``Quant4bit`` weight's arrays are ``packed`` uint8 [L, out, in/2], ``absmax`` uint8 (double
+quantized) or float32 [L, out, in/blocksize], ``nested_absmax`` float32 [L, n_nested] and
+``offset`` float32 [L] (row layout; see ``qlora_jax.quant``). Its static ``shape`` stays the
+per-layer ``(out, in)``.
+
+The decoder layers are stacked and run with ``jax.lax.scan``, so compile time does not grow with
+depth; ``config.remat_policy`` wraps each layer step in ``jax.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qlora_jax import lora as lora_lib
+from qlora_jax.models import layers
+from qlora_jax.models.config import ModelConfig, QuantConfig
+
+_REMAT_POLICIES = {
+    "full": None,  # save only the layer's inputs; recompute everything else
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def default_compute_dtype() -> jnp.dtype:
+    """float32 on CPU (exact parity), bfloat16 on accelerators."""
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary embeddings (and per-head q/k RMSNorm for qwen3)."""
+
+    def __init__(self, config: ModelConfig, layer_lora: dict[str, lora_lib.LoraConfig | None],
+                 quant: QuantConfig | None, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.config = config
+        shapes = config.linear_shapes()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out_f, in_f = shapes[name]
+            setattr(self, name, layers.QLoRALinear(
+                in_f, out_f, use_bias=config.linear_has_bias(name), quant=quant, lora=layer_lora[name],
+                dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+        if config.qk_norm:
+            self.q_norm = layers.RMSNorm(config.head_dim, eps=config.rms_norm_eps, param_dtype=param_dtype)
+            self.k_norm = layers.RMSNorm(config.head_dim, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, *, cos, sin, mask, lora_kw: dict[str, dict]) -> jax.Array:
+        b, s, _ = x.shape
+        c = self.config
+        q = self.q_proj(x, **lora_kw["q_proj"]).reshape(b, s, c.num_attention_heads, c.head_dim)
+        k = self.k_proj(x, **lora_kw["k_proj"]).reshape(b, s, c.num_key_value_heads, c.head_dim)
+        v = self.v_proj(x, **lora_kw["v_proj"]).reshape(b, s, c.num_key_value_heads, c.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        out = layers.attention(q, k, v, mask, impl=c.attention_impl)  # [b, s, heads, head_dim]
+        return self.o_proj(out.reshape(b, s, c.q_size), **lora_kw["o_proj"])
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig, layer_lora: dict[str, lora_lib.LoraConfig | None],
+                 quant: QuantConfig | None, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        shapes = config.linear_shapes()
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out_f, in_f = shapes[name]
+            setattr(self, name, layers.QLoRALinear(
+                in_f, out_f, use_bias=config.linear_has_bias(name), quant=quant, lora=layer_lora[name],
+                dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+
+    def __call__(self, x, *, lora_kw: dict[str, dict]) -> jax.Array:
+        gate = self.gate_proj(x, **lora_kw["gate_proj"])
+        up = self.up_proj(x, **lora_kw["up_proj"])
+        return self.down_proj(jax.nn.silu(gate) * up, **lora_kw["down_proj"])
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: attention then MLP."""
+
+    def __init__(self, config: ModelConfig, layer_lora: dict[str, lora_lib.LoraConfig | None],
+                 quant: QuantConfig | None, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        eps = config.rms_norm_eps
+        self.input_layernorm = layers.RMSNorm(config.hidden_size, eps=eps, param_dtype=param_dtype)
+        self.self_attn = Attention(config, layer_lora, quant, dtype, param_dtype, rngs)
+        self.post_attention_layernorm = layers.RMSNorm(config.hidden_size, eps=eps, param_dtype=param_dtype)
+        self.mlp = MLP(config, layer_lora, quant, dtype, param_dtype, rngs)
+
+    def __call__(self, h, *, cos, sin, mask, lora_kw: dict[str, dict]) -> jax.Array:
+        h = h + self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, mask=mask, lora_kw=lora_kw)
+        return h + self.mlp(self.post_attention_layernorm(h), lora_kw=lora_kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearView:
+    """One decoder linear of one layer, for merging and export (host-side, float32)."""
+
+    hf_name: str  # transformers module name, e.g. "model.layers.3.self_attn.q_proj"
+    proj: str  # "q_proj", ...
+    layer: int
+    linear: layers.QLoRALinear  # the stacked module (all layers)
+    adapted: bool  # this layer's copy has an active adapter
+    scale: float
+
+    def base_weight(self) -> np.ndarray:
+        return self.linear.base_weight(self.layer)
+
+    def bias(self) -> np.ndarray | None:
+        return self.linear.bias_value(self.layer)
+
+    def lora_a(self) -> np.ndarray:
+        return self.linear.lora_weights(self.layer)[0]
+
+    def lora_b(self) -> np.ndarray:
+        return self.linear.lora_weights(self.layer)[1]
+
+
+class CausalLM(nnx.Module):
+    """LLaMA / Qwen causal language model with frozen base weights and optional LoRA.
+
+    ``quant``: store every decoder-layer linear 4-bit (embeddings, norms and lm_head stay in
+    ``param_dtype``, as bitsandbytes' skip modules). ``lora``: adapters on the targeted linears.
+    ``dtype``: compute dtype (default: float32 on CPU, bfloat16 elsewhere); ``param_dtype``:
+    storage dtype of unquantized base weights (default: ``dtype``).
+
+    When ``lora.targets`` selects a projection in only some layers, the stacked ``lora_a`` /
+    ``lora_b`` still have a slot per layer; the slots of untargeted layers are gated off (their
+    contribution and gradient are exactly zero) and are left out of counts, merges and exports.
+    """
+
+    def __init__(self, config: ModelConfig, *, lora: lora_lib.LoraConfig | None = None,
+                 quant: QuantConfig | None = None, dtype: Any = None, param_dtype: Any = None,
+                 rngs: nnx.Rngs):
+        self.config = config
+        self.lora_config = lora
+        self.quant_config = quant
+        self.dtype = jnp.dtype(dtype) if dtype is not None else default_compute_dtype()
+        self.param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else self.dtype
+        n = config.num_hidden_layers
+        adapter_key = rngs.lora()  # drawn first: build_model derives the same key from its seed
+
+        masks = {p: (lora.layer_mask(n, p) if lora is not None else (False,) * n) for p in lora_lib.PROJECTIONS}
+        if lora is not None:
+            lora.targeted_modules(n)  # raises if the targets select nothing
+        # Per projection: which layers are adapted (static), e.g. (("q_proj", (True, False)), ...).
+        self.lora_layer_mask = tuple((p, masks[p]) for p in lora_lib.PROJECTIONS)
+        layer_lora = {p: (lora if any(masks[p]) else None) for p in lora_lib.PROJECTIONS}
+
+        self.embed_tokens = layers.Embedding(config.vocab_size, config.hidden_size, dtype=self.dtype,
+                                             param_dtype=self.param_dtype, rngs=rngs)
+
+        @nnx.split_rngs(splits=n)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, layer_lora, quant, self.dtype, self.param_dtype, rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = layers.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=self.param_dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = layers.LMHead(config.vocab_size, config.hidden_size,
+                                         param_dtype=self.param_dtype, rngs=rngs)
+        if lora is not None:
+            lora_lib.init_adapters(self, lora, adapter_key)
+
+    # ----------------------------------------------------------------------------------------
+    def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, lora_enabled: bool = True,
+                 deterministic: bool = True, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+        """Logits ``[batch, seq, vocab]`` in the compute dtype for ``input_ids [batch, seq]``.
+
+        ``positions [batch, seq]``: rotary positions (default ``0..seq-1``, or restarting per
+        segment when ``segment_ids`` is given). ``segment_ids [batch, seq]``: packed sequences,
+        0 = padding; attention is causal within a segment. ``lora_enabled=False``: the base
+        model (e.g. DPO's reference). ``deterministic=False`` with ``rngs`` (an ``nnx.Rngs``,
+        whose "dropout" stream is used, or a PRNG key): LoRA dropout on.
+        """
+        h = self.hidden_states(input_ids, positions=positions, segment_ids=segment_ids,
+                               lora_enabled=lora_enabled, deterministic=deterministic, rngs=rngs)
+        return self.logits_from_hidden(h)
+
+    def lm_head_weight(self) -> jax.Array:
+        """The output projection ``[vocab, hidden]`` in the compute dtype (tied or not)."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return head.weight.get_value().astype(self.dtype)
+
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        """``[..., hidden] -> [..., vocab]``; a chunked loss can call this on slices of ``h``."""
+        return jnp.einsum("...d,vd->...v", h.astype(self.dtype), self.lm_head_weight())
+
+    def hidden_states(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None, lora_enabled: bool = True,
+                      deterministic: bool = True, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+        """Final hidden states ``[batch, seq, hidden]`` (after the last norm, before lm_head)."""
+        c = self.config
+        batch, seq = input_ids.shape
+        if positions is None:
+            if segment_ids is not None:
+                positions = layers.positions_from_segments(segment_ids)
+            else:
+                positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        cos, sin = layers.rope_cos_sin(positions, layers.rope_inv_freq(c), self.dtype)
+        mask = layers.attention_mask(segment_ids, seq)
+
+        use_lora = lora_enabled and self.lora_config is not None
+        xs: dict[str, Any] = {}
+        if use_lora and not deterministic and self.lora_config.dropout > 0:
+            if rngs is None:
+                raise ValueError("LoRA dropout needs rngs when deterministic=False")
+            key = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
+            xs["key"] = jax.random.split(key, c.num_hidden_layers)
+        if use_lora:
+            partial = {p: m for p, m in self.lora_layer_mask if any(m) and not all(m)}
+            if partial:
+                xs["gates"] = {p: jnp.asarray(m, self.dtype) for p, m in partial.items()}
+
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def step(h, xs_i):
+            layer_state_i, extra = xs_i
+            layer = nnx.merge(graphdef, layer_state_i)
+            lora_kw = {}
+            for i, p in enumerate(lora_lib.PROJECTIONS):
+                kw: dict[str, Any] = {"lora_enabled": use_lora}
+                if "key" in extra:
+                    kw["dropout_key"] = jax.random.fold_in(extra["key"], i)
+                if p in extra.get("gates", {}):
+                    kw["lora_gate"] = extra["gates"][p]
+                lora_kw[p] = kw
+            return layer(h, cos=cos, sin=sin, mask=mask, lora_kw=lora_kw), None
+
+        if c.remat_policy != "none":
+            step = jax.checkpoint(step, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+        h = self.embed_tokens(input_ids)
+        h, _ = jax.lax.scan(step, h, (layer_state, xs))
+        return self.norm(h)
+
+    # ----------------------------------------------------------------------------------------
+    def iter_linears(self) -> Iterator[LinearView]:
+        """Every decoder linear of every layer, in transformers order (layer, then q..down)."""
+        masks = dict(self.lora_layer_mask)
+        for i in range(self.config.num_hidden_layers):
+            for p in lora_lib.PROJECTIONS:
+                block = self.layers.self_attn if lora_lib.PROJECTION_BLOCK[p] == "self_attn" else self.layers.mlp
+                linear = getattr(block, p)
+                adapted = linear.adapted and masks[p][i]
+                yield LinearView(f"model.{lora_lib.module_path(i, p)}", p, i, linear, adapted, linear.scale)

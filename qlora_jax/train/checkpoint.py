@@ -1,0 +1,105 @@
+"""Orbax checkpoints of a training run: adapters, optimizer state, step, data position, RNG.
+
+Layout of ``workdir/checkpoints/<step>/``: ``state`` (a pytree: ``lora`` adapters, ``opt_state``,
+``rng``), and ``meta`` (JSON: step, data-iterator position, the LoRA and quantization config the
+adapters were trained with). The base model is never written: it is the frozen input.
+
+The same ``meta`` record is what the stage handoff checks: restoring adapters into a model whose
+LoRA config (rank, alpha, targets) differs fails with a message naming the differing keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+# The keys of the LoRA record that must agree between a checkpoint and the model restoring it.
+LORA_KEYS_CHECKED = ("r", "alpha", "targets", "use_rslora")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint's recorded config does not fit the model it is restored into."""
+
+
+def check_lora_record(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    diffs = [
+        f"lora.{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}"
+        for k in LORA_KEYS_CHECKED
+        if _norm(saved.get(k)) != _norm(current.get(k))
+    ]
+    if diffs:
+        raise CheckpointMismatch(f"{where}: LoRA config differs from the checkpoint's:\n  " + "\n  ".join(diffs))
+
+
+def _norm(v):
+    if isinstance(v, (list, tuple)):
+        return tuple(v)
+    return v
+
+
+class RunCheckpoints:
+    """Keep-last-N, asynchronous Orbax checkpoints under ``workdir/checkpoints``."""
+
+    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave(_jsonable(meta)),
+            ),
+            force=force,
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return out["state"], out["meta"]
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return out["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)))
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) to restore ``tree``-shaped state onto the same devices."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+    )

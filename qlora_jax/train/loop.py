@@ -1,0 +1,199 @@
+"""The training loop: one jit'd step (gradient accumulation inside), mesh shardings, checkpoints.
+
+State split: ``nnx.split(model, LoRAParam, ...)`` gives the trainable adapters (``lora``) and the
+frozen rest (NF4 codes, norms, embeddings). Only ``lora`` and the optimizer state change; the
+frozen state is an argument of the step, never copied or differentiated.
+
+A step takes ``[grad_accum, micro_batch, length]`` arrays and scans over the micro-batches,
+summing gradients of the *summed* token NLL and dividing once by the total number of loss
+tokens, so the update equals the big-batch gradient of the mean token loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from qlora_jax.lora import LoRAParam
+from qlora_jax.objectives import masked_nll_sum
+from qlora_jax.train import sharding as shard_lib
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised when a step's loss or gradient is NaN/inf; the state of the step before is kept."""
+
+
+@dataclasses.dataclass
+class StepFns:
+    graphdef: Any
+    train_step: Callable
+    eval_step: Callable
+    lora_shardings: Any
+    rest_shardings: Any
+    opt_shardings: Any
+
+
+def split_model(model: nnx.Module):
+    """(graphdef, lora_state, frozen_state)."""
+    graphdef, lora_state, rest = nnx.split(model, LoRAParam, ...)
+    return graphdef, lora_state, rest
+
+
+def _forward_sums(graphdef, lora_state, rest, batch, key, *, deterministic: bool, lora_enabled: bool = True):
+    model = nnx.merge(graphdef, lora_state, rest)
+    h = model.hidden_states(
+        batch["input_ids"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        deterministic=deterministic,
+        lora_enabled=lora_enabled,
+        rngs=key,
+    )
+    return masked_nll_sum(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"])
+
+
+def make_step_fns(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    *,
+    offload_optimizer: bool = False,
+) -> tuple[StepFns, Any, Any, Any]:
+    """Build the jit'd train/eval steps with explicit shardings.
+
+    Returns (fns, lora_state, frozen_state, opt_state), each placed on the mesh.
+    """
+    graphdef, lora_state, rest = split_model(model)
+    lora_sh = shard_lib.shardings_for_state(mesh, lora_state)
+    rest_sh = shard_lib.shardings_for_state(mesh, rest)
+    lora_state = jax.device_put(lora_state, lora_sh)
+    rest = jax.device_put(rest, rest_sh)
+    opt_abstract = jax.eval_shape(tx.init, lora_state)
+    opt_sh = shard_lib.shardings_for_state(mesh, opt_abstract)
+    if offload_optimizer:
+        opt_sh_host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_sh)
+    else:
+        opt_sh_host = opt_sh
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh_host)(lora_state)
+    repl = shard_lib.replicated(mesh)
+    batch_sh = shard_lib.batch_sharding(mesh, 3, leading_unsharded=1)
+    eval_batch_sh = shard_lib.batch_sharding(mesh, 2)
+
+    def train_step(lora, opt_state, rest, batches, key):
+        n_micro = batches["input_ids"].shape[0]
+        keys = jax.random.split(key, n_micro)
+
+        def micro(carry, xs):
+            g_acc, s_acc, n_acc = carry
+            mb, k = xs
+            (s, n), g = jax.value_and_grad(
+                lambda l: _forward_sums(graphdef, l, rest, mb, k, deterministic=False), has_aux=True
+            )(lora)
+            g_acc = jax.tree.map(jnp.add, g_acc, g)
+            return (g_acc, s_acc + s, n_acc + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, lora)
+        (g_sum, s_sum, n_sum), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), (batches, keys))
+        denom = jnp.maximum(n_sum, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, g_sum)
+        loss = s_sum / denom
+        if offload_optimizer:
+            opt_state = jax.device_put(opt_state, opt_sh)
+        updates, new_opt = tx.update(grads, opt_state, lora)
+        new_lora = optax.apply_updates(lora, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step changes nothing: the caller stops and names the step.
+        new_lora = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_lora, lora)
+        new_opt = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_opt, opt_state)
+        if offload_optimizer:
+            new_opt = jax.device_put(new_opt, opt_sh_host)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": n_sum, "finite": finite}
+        return new_lora, new_opt, metrics
+
+    train_jit = jax.jit(
+        train_step,
+        in_shardings=(lora_sh, opt_sh_host, rest_sh, batch_sh, repl),
+        out_shardings=(lora_sh, opt_sh_host, repl),
+        donate_argnums=(0, 1),
+    )
+
+    def eval_step(lora, rest, batch, lora_enabled: bool = True):
+        return _forward_sums(graphdef, lora, rest, batch, None, deterministic=True, lora_enabled=lora_enabled)
+
+    eval_jit = jax.jit(
+        eval_step,
+        in_shardings=(lora_sh, rest_sh, eval_batch_sh),
+        out_shardings=(repl, repl),
+        static_argnums=(3,),
+    )
+    fns = StepFns(graphdef, train_jit, eval_jit, lora_sh, rest_sh, opt_sh_host)
+    return fns, lora_state, rest, opt_state
+
+
+def stack_microbatches(batches: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, np.ndarray]:
+    """[micro, batch, length] arrays; micro-batches are right-padded to the longest of them."""
+    length = max(b["input_ids"].shape[1] for b in batches)
+    out = {}
+    for key in batches[0]:
+        fill = pad_id if key in ("input_ids", "targets") else 0
+        out[key] = np.stack([
+            np.pad(b[key], ((0, 0), (0, length - b[key].shape[1])), constant_values=fill) for b in batches
+        ])
+    return out
+
+
+class GracefulExit:
+    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit (preemption-friendly)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM,):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def throughput(tokens: float, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else math.nan
+
+
+def timestamp() -> float:
+    return time.perf_counter()
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+__all__ = [
+    "NonFiniteLoss", "StepFns", "make_step_fns", "split_model", "stack_microbatches", "GracefulExit",
+    "Path",
+]

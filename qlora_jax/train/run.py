@@ -1,0 +1,311 @@
+"""One SFT run from a config: load, tokenize, train with resume, evaluate, export.
+
+``run(config)`` is what ``python -m qlora_jax.train --config configs/sft.py`` calls. It resumes
+automatically from the newest checkpoint in ``config.workdir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from qlora_jax import data as data_lib
+from qlora_jax.checkpoints.load import load_model
+from qlora_jax.lora import ALL_LINEAR, LoraConfig
+from qlora_jax.train import checkpoint as ckpt_lib
+from qlora_jax.train import loop, sharding as shard_lib
+from qlora_jax.train.config_check import ConfigError, validate_config
+from qlora_jax.train.metrics import MetricsWriter, plot_loss, read_metrics
+from qlora_jax.train.optim import make_optimizer, warmup_steps
+
+log = logging.getLogger("qlora_jax.train")
+
+
+def lora_config_from(cfg: ConfigDict) -> LoraConfig:
+    t = cfg.lora.targets
+    if isinstance(t, str) and t != ALL_LINEAR and "," in t:
+        targets: Any = tuple(s.strip() for s in t.split(",") if s.strip())
+    elif isinstance(t, str) and t != ALL_LINEAR and t.isidentifier():
+        targets = (t,)
+    else:
+        targets = tuple(t) if isinstance(t, (list, tuple)) else t
+    return LoraConfig(r=cfg.lora.r, alpha=float(cfg.lora.alpha), dropout=float(cfg.lora.dropout),
+                      targets=targets, init=cfg.lora.init, init_std=float(cfg.lora.init_std),
+                      use_rslora=bool(cfg.lora.rslora))
+
+
+def lora_record(lora: LoraConfig, cfg: ConfigDict) -> dict[str, Any]:
+    return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "targets": lora.targets,
+            "init": lora.init, "use_rslora": lora.use_rslora, "model_source": str(cfg.model.source),
+            "quantize": cfg.model.quantize}
+
+
+def sharding_fn(mesh):
+    """(name, shape) -> PartitionSpec for build_model, from the logical-axis tables."""
+    def fn(name: str, shape: tuple[int, ...]):
+        return shard_lib.spec_for(mesh, shard_lib.logical_axes_for(name.replace(".", "/"), shape), shape)
+    return fn
+
+
+def _setup_logging(workdir: Path) -> None:
+    root = logging.getLogger("qlora_jax")
+    if any(getattr(h, "_qlora", False) for h in root.handlers):
+        return
+    root.setLevel(logging.INFO)
+    root.propagate = False  # absl's root handler would print every line twice
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    fh = logging.FileHandler(workdir / "train.log")
+    fh.setFormatter(fmt)
+    fh._qlora = True  # type: ignore[attr-defined]
+    root.addHandler(fh)
+    if jax.process_index() == 0:
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        sh._qlora = True  # type: ignore[attr-defined]
+        root.addHandler(sh)
+
+
+def _eval_fn(graphdef):
+    """Per-row (nll sum, loss tokens, correctly predicted loss tokens), adapters on or off."""
+
+    def fn(lora, rest, batch, lora_enabled):
+        model = nnx.merge(graphdef, lora, rest)
+        h = model.hidden_states(batch["input_ids"], positions=batch["positions"],
+                                segment_ids=batch["segment_ids"], lora_enabled=lora_enabled)
+        logits = model.logits_from_hidden(h).astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, -1)
+        picked = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+        mask = batch["loss_mask"].astype(jnp.float32)
+        correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32) * mask
+        return jnp.sum((lse - picked) * mask, -1), jnp.sum(mask, -1), jnp.sum(correct, -1)
+
+    return jax.jit(fn, static_argnums=(3,))
+
+
+def evaluate(eval_fn, lora, rest, examples, *, batch_size: int, seq_len: int, pad_id: int,
+             lora_enabled: bool = True) -> dict[str, float]:
+    """Eval loss (per loss token) and exact match: every completion token is the argmax under
+    teacher forcing -- exactly the examples greedy decoding would reproduce."""
+    if not examples:
+        return {}
+    it = data_lib.BatchIterator(examples, batch_size=batch_size, seq_len=seq_len, pack=False,
+                                group_by_length=False, shuffle=False, pad_id=pad_id, num_epochs=1)
+    nll = tok = exact = rows = 0.0
+    for batch in it:
+        s, n, c = eval_fn(lora, rest, {k: jnp.asarray(v) for k, v in batch.items()}, lora_enabled)
+        s, n, c = np.asarray(s), np.asarray(n), np.asarray(c)
+        live = n > 0
+        nll += s[live].sum()
+        tok += n[live].sum()
+        exact += (c[live] == n[live]).sum()
+        rows += live.sum()
+    return {"loss": float(nll / max(tok, 1)), "exact_match": float(exact / max(rows, 1)), "examples": int(rows)}
+
+
+def _progress(total: int, initial: int):
+    if jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def run(cfg: ConfigDict) -> dict[str, Any]:
+    validate_config(cfg)
+    workdir = Path(cfg.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    _setup_logging(workdir)
+    t_start = time.perf_counter()
+
+    mesh = shard_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    lora = lora_config_from(cfg)
+    quantize = None if cfg.model.quantize in ("none", "") else cfg.model.quantize
+    log.info("loading %s (quantize=%s, compute %s)", cfg.model.source, quantize, cfg.model.dtype)
+    model, tokenizer = load_model(
+        cfg.model.source, quantize=quantize, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+        lora=lora, mesh=mesh, shardings=sharding_fn(mesh), blocksize=cfg.model.blocksize,
+        double_quant=cfg.model.double_quant, remat=cfg.model.remat, rng_seed=cfg.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # ---- data ---------------------------------------------------------------------------------
+    fmt = None if cfg.data.format == "auto" else cfg.data.format
+    overflow = "drop" if cfg.data.drop_long else "truncate"
+    train_ex, train_stats = data_lib.prepare_sft(
+        cfg.data.train, tokenizer, max_length=cfg.data.max_length, format=fmt,
+        train_on_prompt=cfg.data.train_on_prompt, overflow=overflow)
+    eval_ex: list = []
+    if cfg.data.eval:
+        eval_ex, _ = data_lib.prepare_sft(cfg.data.eval, tokenizer, max_length=cfg.data.max_length,
+                                          format=fmt, overflow=overflow)
+        eval_ex = eval_ex[: cfg.data.max_eval_examples]
+    it = data_lib.BatchIterator(
+        train_ex, batch_size=cfg.train.batch_size, seq_len=cfg.data.max_length, pack=cfg.data.pack,
+        group_by_length=cfg.data.group_by_length, pad_id=pad_id, seed=cfg.seed)
+    accum = cfg.train.grad_accum
+    if cfg.train.max_steps > 0:
+        total_steps = cfg.train.max_steps
+    else:
+        total_steps = max(1, math.ceil(cfg.train.epochs * it.steps_per_epoch / accum))
+
+    # ---- optimizer, step functions, checkpoints ---------------------------------------------------
+    tx, schedule = make_optimizer(
+        lr=cfg.optim.lr, total_steps=total_steps, warmup_ratio=cfg.optim.warmup_ratio,
+        schedule=cfg.optim.schedule, weight_decay=cfg.optim.weight_decay,
+        max_grad_norm=cfg.optim.max_grad_norm, b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps)
+    fns, lora_state, rest, opt_state = loop.make_step_fns(model, tx, mesh, offload_optimizer=cfg.optim.offload)
+    eval_fn = _eval_fn(fns.graphdef)
+    del model
+    ckpts = ckpt_lib.RunCheckpoints(workdir, keep=cfg.train.keep_checkpoints)
+    record = lora_record(lora, cfg)
+    start = 0
+    base_key = jax.random.key_data(jax.random.key(cfg.seed))
+    latest = ckpts.latest_step()
+    if latest is not None:
+        meta = ckpts.read_meta(latest)
+        ckpt_lib.check_lora_record(meta.get("lora", {}), record, f"{ckpts.directory / str(latest)}")
+        abstract = {"lora": ckpt_lib.abstract_like(lora_state), "opt_state": ckpt_lib.abstract_like(opt_state),
+                    "rng": jax.ShapeDtypeStruct(base_key.shape, base_key.dtype)}
+        restored, meta = ckpts.restore(latest, abstract)
+        lora_state, opt_state, base_key = restored["lora"], restored["opt_state"], restored["rng"]
+        it.restore(meta["data"])
+        start = int(meta["step"])
+        _truncate_metrics(workdir / "metrics.jsonl", start)
+        log.info("resumed from %s at step %d", ckpts.directory / str(latest), start)
+
+    n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora_state))
+    n_frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(rest))
+    summary = {
+        "model": str(cfg.model.source), "quantize": quantize, "compute_dtype": cfg.model.dtype,
+        "trainable_params": n_lora, "frozen_state_bytes": int(n_frozen_bytes),
+        "mesh": dict(mesh.shape), "devices": jax.device_count(), "processes": jax.process_count(),
+        "train_examples": train_stats.kept, "truncated": train_stats.truncated,
+        "dropped": train_stats.dropped_too_long + train_stats.dropped_no_completion,
+        "eval_examples": len(eval_ex), "micro_batches_per_epoch": it.steps_per_epoch,
+        "grad_accum": accum, "total_steps": total_steps,
+        "warmup_steps": warmup_steps(total_steps, cfg.optim.warmup_ratio),
+    }
+    log.info("run: %s", json.dumps(summary))
+    metrics = MetricsWriter(workdir)
+    eval_kw = dict(batch_size=cfg.train.batch_size, seq_len=cfg.data.max_length, pad_id=pad_id)
+    before = {}
+    if start == 0 and eval_ex:
+        before = evaluate(eval_fn, lora_state, rest, eval_ex, **eval_kw)
+        log.info("eval before training: loss %.4f, exact match %.1f%%", before["loss"], 100 * before["exact_match"])
+        metrics.write(0, {"eval_loss": before["loss"], "eval_exact_match": before["exact_match"]})
+        (workdir / "eval_before.json").write_text(json.dumps(before))
+    elif (workdir / "eval_before.json").exists():
+        before = json.loads((workdir / "eval_before.json").read_text())
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    bar = _progress(total_steps, start)
+    step = start
+    tokens_seen = 0.0
+    t_loop = t_prev = time.perf_counter()
+    failure = None
+    try:
+        with loop.GracefulExit() as stop:
+            while step < total_steps:
+                micro = [next(it) for _ in range(accum)]
+                batch = loop.stack_microbatches(micro, pad_id)
+                key = jax.random.fold_in(jax.random.wrap_key_data(base_key), step)
+                key = jax.random.key_data(key)
+                lora_state, opt_state, m = fns.train_step(lora_state, opt_state, rest, batch, key)
+                m = jax.device_get(m)
+                if not bool(m["finite"]):
+                    failure = step + 1
+                    raise loop.NonFiniteLoss(
+                        f"non-finite loss or gradient at step {step + 1} (loss={float(m['loss'])}, "
+                        f"grad_norm={float(m['grad_norm'])}); stopped, the last good checkpoint is kept "
+                        f"(step {ckpts.latest_step()})")
+                step += 1
+                tokens_seen += float(m["tokens"])
+                now = time.perf_counter()
+                row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                       "lr": float(schedule(step - 1)), "loss_tokens": float(m["tokens"]),
+                       "tokens_per_s": float((batch["segment_ids"] > 0).sum()) / max(now - t_prev, 1e-9)}
+                t_prev = now
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    metrics.write(step, row)
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and eval_ex and step < total_steps:
+                    ev = evaluate(eval_fn, lora_state, rest, eval_ex, **eval_kw)
+                    metrics.write(step, {"eval_loss": ev["loss"], "eval_exact_match": ev["exact_match"]})
+                if step % cfg.train.checkpoint_every == 0 or step == total_steps or stop.requested:
+                    ckpts.save(step, {"lora": lora_state, "opt_state": opt_state, "rng": base_key},
+                               {"step": step, "data": it.state(), "lora": record})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                    bar.update(1)
+                if stop.requested:
+                    log.info("stop requested: checkpoint written at step %d", step)
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpts.wait()
+        metrics.close()
+    train_seconds = time.perf_counter() - t_loop
+
+    # ---- after -----------------------------------------------------------------------------------
+    result: dict[str, Any] = {**summary, "final_step": step, "train_seconds": round(train_seconds, 1),
+                              "failure_step": failure}
+    rows = read_metrics(workdir / "metrics.jsonl")
+    tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][2:]  # skip compile steps
+    result["tokens_per_s_median"] = float(np.median(tps)) if tps else None
+    if step >= total_steps and eval_ex:
+        after = evaluate(eval_fn, lora_state, rest, eval_ex, **eval_kw)
+        metrics = MetricsWriter(workdir, tensorboard=False)
+        metrics.write(step, {"eval_loss": after["loss"], "eval_exact_match": after["exact_match"]})
+        result["eval_before"], result["eval_after"] = before, after
+    if step >= total_steps and cfg.train.export_peft:
+        from qlora_jax.checkpoints.peft_io import save_peft_adapter
+
+        merged = nnx.merge(fns.graphdef, lora_state, rest)
+        save_peft_adapter(merged, workdir / "adapter", base_model=str(cfg.model.source))
+        result["adapter_dir"] = str(workdir / "adapter")
+    plot = plot_loss(workdir)
+    result["loss_plot"] = str(plot) if plot else None
+    result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(result, indent=2, default=str))
+    ckpts.close()
+    _print_end(result)
+    return result
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric rows of steps after the restored one (they are recomputed)."""
+    if not path.exists() or jax.process_index() != 0:
+        return
+    keep = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _print_end(r: dict[str, Any]) -> None:
+    if jax.process_index() != 0:
+        return
+    lines = [f"done: {r['final_step']}/{r['total_steps']} steps in {r['train_seconds']} s "
+             f"(median {r['tokens_per_s_median'] or float('nan'):.0f} tokens/s)"]
+    if "eval_after" in r and r.get("eval_before"):
+        b, a = r["eval_before"], r["eval_after"]
+        lines.append(f"eval loss      {b['loss']:.4f} -> {a['loss']:.4f}")
+        lines.append(f"exact match    {100 * b['exact_match']:.1f}% -> {100 * a['exact_match']:.1f}% "
+                     f"of {a['examples']} held-out examples (greedy answer == reference)")
+    if r.get("adapter_dir"):
+        lines.append(f"PEFT adapter   {r['adapter_dir']}")
+    if r.get("loss_plot"):
+        lines.append(f"loss curve     {r['loss_plot']}")
+    print("\n".join(lines), flush=True)
+
+
+__all__ = ["run", "ConfigError", "evaluate", "lora_config_from"]
