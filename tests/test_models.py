@@ -16,6 +16,7 @@ import os
 
 import chex
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -140,8 +140,7 @@ def bnb_tensors_to_quant4bit(prefix: str, tensors: Mapping[str, Any]) -> Quant4b
     if absmax.shape[0] != n_blocks:
         raise ValueError(f"{key}.absmax has {absmax.shape[0]} entries, expected {n_blocks}")
 
-    double_quant = "nested_absmax" in state or f"{key}.nested_absmax" in tensors or "nested_offset" in state
-    if double_quant:
+    if "nested_offset" in state:   # double quantization
         if int(state.get("nested_blocksize", -1)) != NESTED_BLOCKSIZE:
             raise ValueError(f"{state_key}: nested_blocksize {state.get('nested_blocksize')} != {NESTED_BLOCKSIZE}")
         if state.get("nested_dtype", "float32") != "float32":

@@ -18,19 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from qlora_jax.lora import peft_adapter_tensors
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
-
-
-def adapter_tensors(model) -> dict[str, np.ndarray]:
-    """PEFT-named float32 adapter tensors of every adapted linear of ``model``."""
-    out: dict[str, np.ndarray] = {}
-    for view in model.iter_linears():
-        if view.adapted:
-            out[f"{_PREFIX}{view.hf_name}.lora_A.weight"] = np.ascontiguousarray(view.lora_a())
-            out[f"{_PREFIX}{view.hf_name}.lora_B.weight"] = np.ascontiguousarray(view.lora_b())
-    return out
 
 
 def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model: str = "") -> Path:
@@ -42,7 +34,7 @@ def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model: str = ""
     if jax.process_index() != 0:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tensors = adapter_tensors(model)
+    tensors = {k: np.ascontiguousarray(v) for k, v in peft_adapter_tensors(model, _PREFIX).items()}
     adapted = [v for v in model.iter_linears() if v.adapted]
     projections = sorted({v.proj for v in adapted})
     layers = sorted({v.layer for v in adapted})
@@ -122,4 +114,4 @@ def _like(ref: jax.Array, values: np.ndarray) -> jax.Array:
     return jax.device_put(out, sharding) if sharding is not None else out
 
 
-__all__ = ["adapter_tensors", "save_peft_adapter", "load_peft_adapter"]
+__all__ = ["save_peft_adapter", "load_peft_adapter"]

@@ -60,7 +60,7 @@ def validate_jsonl(path: str | os.PathLike) -> int:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 raise DataError(
                     f"{path}:{lineno}: malformed JSON line: {err.msg} (column {err.colno})"

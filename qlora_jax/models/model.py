@@ -28,6 +28,7 @@ depth; ``config.remat_policy`` wraps each layer step in ``jax.checkpoint``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -202,9 +203,17 @@ class CausalLM(nnx.Module):
         model (e.g. DPO's reference). ``deterministic=False`` with ``rngs`` (an ``nnx.Rngs``,
         whose "dropout" stream is used, or a PRNG key): LoRA dropout on.
         """
-        h = self.hidden_states(input_ids, positions=positions, segment_ids=segment_ids,
-                               lora_enabled=lora_enabled, deterministic=deterministic, rngs=rngs)
-        return self.logits_from_hidden(h)
+        return self._forward(input_ids, positions, segment_ids, lora_enabled, deterministic, rngs, "logits")
+
+    def hidden_states(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None, lora_enabled: bool = True,
+                      deterministic: bool = True, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+        """Final hidden states ``[batch, seq, hidden]`` (after the last norm, before lm_head).
+
+        Same arguments as ``__call__``; with :meth:`logits_from_hidden` on slices of the result a
+        loss never materializes the whole ``[batch, seq, vocab]`` logits.
+        """
+        return self._forward(input_ids, positions, segment_ids, lora_enabled, deterministic, rngs, "hidden")
 
     def lm_head_weight(self) -> jax.Array:
         """The output projection ``[vocab, hidden]`` in the compute dtype (tied or not)."""
@@ -212,13 +221,22 @@ class CausalLM(nnx.Module):
         return head.weight.get_value().astype(self.dtype)
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
-        """``[..., hidden] -> [..., vocab]``; a chunked loss can call this on slices of ``h``."""
+        """``[..., hidden] -> [..., vocab]`` in the compute dtype."""
         return jnp.einsum("...d,vd->...v", h.astype(self.dtype), self.lm_head_weight())
 
-    def hidden_states(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-                      segment_ids: jax.Array | None = None, lora_enabled: bool = True,
-                      deterministic: bool = True, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
-        """Final hidden states ``[batch, seq, hidden]`` (after the last norm, before lm_head)."""
+    def _forward(self, input_ids, positions, segment_ids, lora_enabled, deterministic, rngs, output):
+        use_lora = bool(lora_enabled) and self.lora_config is not None
+        dropout_key = None
+        if use_lora and not deterministic and self.lora_config.dropout > 0:
+            if rngs is None:
+                raise ValueError("LoRA dropout needs rngs when deterministic=False")
+            dropout_key = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
+        graphdef, state = nnx.split(self)
+        return _forward_jit(graphdef, state, input_ids, positions, segment_ids, dropout_key,
+                            use_lora=use_lora, output=output)
+
+    def _run(self, input_ids, positions, segment_ids, dropout_key, use_lora: bool) -> jax.Array:
+        """Embeddings -> scanned decoder layers -> final norm: ``[batch, seq, hidden]``."""
         c = self.config
         batch, seq = input_ids.shape
         if positions is None:
@@ -229,13 +247,9 @@ class CausalLM(nnx.Module):
         cos, sin = layers.rope_cos_sin(positions, layers.rope_inv_freq(c), self.dtype)
         mask = layers.attention_mask(segment_ids, seq)
 
-        use_lora = lora_enabled and self.lora_config is not None
-        xs: dict[str, Any] = {}
-        if use_lora and not deterministic and self.lora_config.dropout > 0:
-            if rngs is None:
-                raise ValueError("LoRA dropout needs rngs when deterministic=False")
-            key = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
-            xs["key"] = jax.random.split(key, c.num_hidden_layers)
+        xs: dict[str, Any] = {}  # per-layer inputs scanned alongside the layer weights
+        if dropout_key is not None:
+            xs["key"] = jax.random.split(dropout_key, c.num_hidden_layers)
         if use_lora:
             partial = {p: m for p, m in self.lora_layer_mask if any(m) and not all(m)}
             if partial:
@@ -272,3 +286,15 @@ class CausalLM(nnx.Module):
                 linear = getattr(block, p)
                 adapted = linear.adapted and masks[p][i]
                 yield LinearView(f"model.{lora_lib.module_path(i, p)}", p, i, linear, adapted, linear.scale)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "output"))
+def _forward_jit(graphdef, state, input_ids, positions, segment_ids, dropout_key, *, use_lora, output):
+    """The forward pass as one compiled program, cached per model structure and input shapes.
+
+    Called eagerly, a model would otherwise re-trace and re-compile its layer scan on every call;
+    under an outer ``jit`` / ``grad`` this nested jit is simply inlined.
+    """
+    model = nnx.merge(graphdef, state)
+    h = model._run(input_ids, positions, segment_ids, dropout_key, use_lora)
+    return model.logits_from_hidden(h) if output == "logits" else h

@@ -115,7 +115,7 @@ def make_step_fns(
             opt_state = jax.device_put(opt_state, opt_sh)
         updates, new_opt = tx.update(grads, opt_state, lora)
         new_lora = optax.apply_updates(lora, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step changes nothing: the caller stops and names the step.
         new_lora = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_lora, lora)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,8 @@ from qlora_jax.train.metrics import MetricsWriter, plot_loss, read_metrics
 from qlora_jax.train.optim import make_optimizer, warmup_steps
 
 log = logging.getLogger("qlora_jax.train")
+# Testing hook: SIGKILL this process right after optimizer step N (0 = never).
+_FAULT_KILL_AT_STEP = int(os.environ.get("QLORA_FAULT_KILL_AT_STEP", "0"))
 
 
 def lora_config_from(cfg: ConfigDict) -> LoraConfig:
@@ -237,6 +241,8 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
                 t_prev = now
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     metrics.write(step, row)
+                if step == _FAULT_KILL_AT_STEP:  # fault injection for the resume test: die like a preempted VM
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and eval_ex and step < total_steps:
                     ev = evaluate(eval_fn, lora_state, rest, eval_ex, **eval_kw)
                     metrics.write(step, {"eval_loss": ev["loss"], "eval_exact_match": ev["exact_match"]})
