@@ -15,6 +15,9 @@ def maybe_initialize() -> bool:
 
     coord = os.environ.get("QLORA_COORDINATOR")
     if coord:
+        if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+            # Cross-process collectives between CPU devices (tests, laptops) go through gloo.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=coord,
             num_processes=int(os.environ["QLORA_NUM_PROCESSES"]),

@@ -15,6 +15,7 @@ walk a model use the model's ``iter_linears()``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import zlib
@@ -154,7 +155,7 @@ def init_adapters(model: nnx.Module, lora: LoraConfig, key: jax.Array) -> None:
         if r != lora.r:
             raise ValueError(f"{name} has rank {r}, LoraConfig.r is {lora.r}")
         keys = jax.random.split(jax.random.fold_in(key, zlib.crc32(name.encode())), math.prod(lead))
-        a = jax.vmap(lambda k: init_lora_a(k, lora, in_features))(keys)
+        a = jax.vmap(functools.partial(init_lora_a, lora=lora, in_features=in_features))(keys)
         var.set_value(a.reshape(value.shape))
 
 

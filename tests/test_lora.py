@@ -144,16 +144,19 @@ def test_adapted_model_matches_peft(family, quant, use_rslora):
     """
     hf_model, hf_cfg = tiny_hf(family)
     lora = LoraConfig(r=4, alpha=16.0, targets="all-linear", use_rslora=use_rslora)
-    qc = QuantConfig() if quant else None
-    model = build_model(hf_cfg, hf_tensors(hf_model), quant=qc, lora=lora, dtype=jnp.float32)
-    randomize_adapters(model)
+    tensors = dict(hf_tensors(hf_model))
     base = copy.deepcopy(hf_model)
-    if quant:
+    if quant:  # both sides use bitsandbytes' quant states: ours loads them pre-quantized
         state = base.state_dict()
         with torch.no_grad():
             for i in range(LAYERS):
                 for proj in PROJECTIONS:
-                    state[_linear_name(i, proj)].copy_(_bnb_roundtrip(state[_linear_name(i, proj)])[0])
+                    name = _linear_name(i, proj)
+                    dequant, tensors[name] = _bnb_roundtrip(state[name])
+                    state[name].copy_(dequant)
+    model = build_model(hf_cfg, list(tensors.items()), quant=QuantConfig() if quant else None, lora=lora,
+                        dtype=jnp.float32)
+    randomize_adapters(model)
     reference = peft_model_like(base, lora, ours=model)
     ids = random_ids(2, 24)
     err = max_abs(model(jnp.asarray(ids)), torch_logits(reference, ids))
@@ -192,21 +195,6 @@ def test_gradients_match_peft_and_select_only_adapters():
             g = np.asarray(flat[("layers", block, view.proj, ours_name)].get_value()[view.layer])
             ref = torch_grads[f"base_model.model.{view.hf_name}.{peft_name}.default.weight"]
             np.testing.assert_allclose(g, ref, rtol=2e-4, atol=2e-4 * float(np.abs(ref).max()))
-
-
-def test_remat_policies_do_not_change_gradients():
-    hf_model, hf_cfg = tiny_hf("qwen2")
-    ids = jnp.asarray(random_ids(1, 10))
-    grads = []
-    for policy in ("none", "full", "dots_no_batch"):
-        cfg = ModelConfig.from_hf(hf_cfg, remat_policy=policy)
-        model = build_model(cfg, hf_tensors(hf_model), quant=QuantConfig(), lora=LoraConfig(r=4), dtype=jnp.float32)
-        randomize_adapters(model)
-        g = nnx.grad(lambda m: jnp.mean(m(ids) ** 2), argnums=nnx.DiffState(0, LoRAParam))(model)
-        grads.append(jax.tree.leaves(g))
-    for other in grads[1:]:
-        for a, b in zip(grads[0], other):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_merged_weights_reproduce_adapted_output():
@@ -273,9 +261,8 @@ def test_init_distributions(init):
 def test_model_adapters_same_whether_built_or_loaded():
     hf_model, hf_cfg = tiny_hf("qwen2")
     lora = LoraConfig(r=4, init="gaussian")
-    loaded = build_model(hf_cfg, hf_tensors(hf_model), quant=QuantConfig(), lora=lora, dtype=jnp.float32, rng_seed=3)
-    direct = CausalLM(ModelConfig.from_hf(hf_cfg), lora=lora, quant=QuantConfig(), dtype=jnp.float32,
-                      rngs=nnx.Rngs(3))
+    loaded = build_model(hf_cfg, hf_tensors(hf_model), lora=lora, dtype=jnp.float32, rng_seed=3)
+    direct = CausalLM(ModelConfig.from_hf(hf_cfg), lora=lora, dtype=jnp.float32, rngs=nnx.Rngs(3))
     flat_loaded = dict(nnx.to_flat_state(trainable_state(loaded)))
     flat_direct = dict(nnx.to_flat_state(trainable_state(direct)))
     assert set(flat_loaded) == set(flat_direct)

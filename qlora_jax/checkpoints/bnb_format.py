@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from qlora_jax.checkpoints.hf_reader import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, SafetensorsReader
+from qlora_jax.checkpoints.hf_reader import CONFIG_FILE, SafetensorsReader
+from qlora_jax.checkpoints.hf_writer import ShardedWriter
 from qlora_jax.quant import NESTED_BLOCKSIZE, QUANT_TYPES, Quant4bit, code_table
 from qlora_jax.quant.codes import BLOCKSIZES, DYNAMIC_MAP_SIGNED
 from qlora_jax.quant.nf4 import row_layout
@@ -246,47 +247,24 @@ def save_bnb_checkpoint(model_dir: str | os.PathLike,
     (written in the layout above). ``config`` is the model's config.json dict; its
     ``quantization_config`` is set from ``quantization_config`` or, when absent, derived from the
     first Quant4bit. With ``max_shard_bytes`` the tensors go to several shards plus
-    ``model.safetensors.index.json``; a weight's quant state never straddles two shards.
+    ``model.safetensors.index.json``; a weight's quant state never straddles two shards. Tensors
+    are streamed: memory holds one shard at most.
     """
-    from safetensors.numpy import save_file
-
     out = Path(model_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    shard_bytes = 0
     first_quant: Quant4bit | None = None
-    for name, value in tensors:
-        if isinstance(value, Quant4bit):
-            first_quant = first_quant or value
-            group = quant4bit_to_bnb_tensors(name, value)
-        else:
-            group = {name: np.ascontiguousarray(np.asarray(value))}
-        size = sum(t.nbytes for t in group.values())
-        if max_shard_bytes and shards[-1] and shard_bytes + size > max_shard_bytes:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1].update(group)
-        shard_bytes += size
-
+    with ShardedWriter(out, max_shard_bytes) as writer:
+        for name, value in tensors:
+            if isinstance(value, Quant4bit):
+                first_quant = first_quant or value
+                writer.add(quant4bit_to_bnb_tensors(name, value))
+            else:
+                writer.add({name: np.asarray(value)})
+        if quantization_config is None:
+            if first_quant is None:
+                raise ValueError("no Quant4bit among the tensors and no quantization_config given")
+            quantization_config = bnb_quantization_config(first_quant.quant_type, first_quant.double_quant,
+                                                          compute_dtype=first_quant.dtype)
     config = dict(config)
-    if quantization_config is None:
-        if first_quant is None:
-            raise ValueError("no Quant4bit among the tensors and no quantization_config given")
-        quantization_config = bnb_quantization_config(first_quant.quant_type, first_quant.double_quant,
-                                                      compute_dtype=first_quant.dtype)
     config["quantization_config"] = dict(quantization_config)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    metadata = {"format": "pt"}   # what transformers writes; older loaders require it
-    if len(shards) == 1:
-        save_file(shards[0], str(out / SINGLE_FILE), metadata=metadata)
-        return out
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, 1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / filename), metadata=metadata)
-        weight_map.update({name: filename for name in shard})
-        total += sum(t.nbytes for t in shard.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return out

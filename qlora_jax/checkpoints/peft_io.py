@@ -114,4 +114,4 @@ def _like(ref: jax.Array, values: np.ndarray) -> jax.Array:
     return jax.device_put(out, sharding) if sharding is not None else out
 
 
-__all__ = ["save_peft_adapter", "load_peft_adapter"]
+__all__ = ["load_peft_adapter", "save_peft_adapter"]

@@ -32,6 +32,10 @@ from qlora_jax.quant import Quant4bit, dequantize_4bit, quantize_4bit
 INIT_STD = 0.02  # transformers' initializer_range for these families; used for random init only
 
 
+# quantize_4bit compiled once per weight shape (eagerly it would dispatch op by op).
+quantize_jit = jax.jit(quantize_4bit, static_argnames=("quant_type", "blocksize", "double_quant"))
+
+
 class BaseParam(nnx.Variable):
     """A frozen, unquantized base-model weight (never updated by the optimizer)."""
 
@@ -103,8 +107,8 @@ class QLoRALinear(nnx.Module):
         self.scale = lora.scale if lora is not None else 0.0
         w = (INIT_STD * jax.random.normal(rngs.params(), (out_features, in_features))).astype(param_dtype)
         if quant is not None:
-            self.weight = QuantParam(quantize_4bit(w, quant_type=quant.quant_type, blocksize=quant.blocksize,
-                                                   double_quant=quant.double_quant))
+            self.weight = QuantParam(quantize_jit(w, quant_type=quant.quant_type, blocksize=quant.blocksize,
+                                                  double_quant=quant.double_quant))
         else:
             self.weight = BaseParam(w)
         self.bias = BaseParam(jnp.zeros((out_features,), param_dtype)) if use_bias else None

@@ -15,6 +15,7 @@ placed on its device(s) once.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -23,21 +24,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from qlora_jax import lora as lora_lib
 from qlora_jax.models.config import ModelConfig, QuantConfig
-from qlora_jax.models.layers import QuantParam
+from qlora_jax.models.layers import QuantParam, quantize_jit
 from qlora_jax.models.model import CausalLM
-from qlora_jax.quant import Quant4bit, dequantize_4bit, quantize_4bit
+from qlora_jax.quant import Quant4bit, dequantize_4bit
 
 # Names a checkpoint may carry that hold nothing the model needs (recomputed buffers).
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _QUANT_FIELDS = ("packed", "absmax", "nested_absmax", "offset")
 
 Shardings = Callable[[str, tuple[int, ...]], "PartitionSpec | None"] | Mapping[str, PartitionSpec]
-
-_quantize = jax.jit(quantize_4bit, static_argnames=("quant_type", "blocksize", "double_quant"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +104,7 @@ def _quantized_fields(name: str, tensor: Any, abstract: Quant4bit, per_layer: di
     else:
         arr = _as_numpy(tensor)
         _check_shape(name, arr.shape, abstract.shape)
-        q = _quantize(jnp.asarray(arr), quant_type=abstract.quant_type, blocksize=abstract.blocksize,
+        q = quantize_jit(jnp.asarray(arr), quant_type=abstract.quant_type, blocksize=abstract.blocksize,
                       double_quant=abstract.absmax.dtype == jnp.uint8)
     fields = {}
     for field in _QUANT_FIELDS:
@@ -152,10 +151,16 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
     ``PartitionSpec`` comes from ``shardings`` -- a callable ``(name, shape) -> spec | None`` or a
     mapping ``{regex: spec}`` fullmatched against names like ``"layers.mlp.up_proj.weight"`` /
     ``"layers.mlp.up_proj.weight.packed"`` / ``"layers.mlp.up_proj.lora_a"`` (stacked arrays
-    have the layer axis first) -- and is replicated when none is given.
+    have the layer axis first) -- and is replicated when none is given. The mesh's axes must be
+    ``AxisType.Auto`` (GSPMD propagation inside the step).
     """
     if not isinstance(config, ModelConfig):
         config = ModelConfig.from_hf(config)
+    if mesh is not None and any(t != AxisType.Auto for t in mesh.axis_types):
+        # Explicit axes put shardings into array types; the NF4 dequantization's table gather
+        # has no explicit-sharding rule, so the first forward would fail far from here.
+        raise ValueError(f"build_model needs a mesh with AxisType.Auto axes, got {mesh.axis_types}; "
+                         f"e.g. jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))")
 
     def make() -> CausalLM:
         return CausalLM(config, lora=lora, quant=quant, dtype=dtype, param_dtype=param_dtype,
@@ -253,7 +258,7 @@ def iter_hf_tensors(model: CausalLM, *, merge_lora: bool = False,
         var = variables[slot.path]
         value = var.get_value()
         if slot.layer is not None:
-            value = jax.tree.map(lambda a: a[slot.layer], value)
+            value = jax.tree.map(operator.itemgetter(slot.layer), value)
         if isinstance(var, QuantParam):
             value = dequantize_4bit(value, jnp.float32)
         value = np.asarray(value, np.float32)

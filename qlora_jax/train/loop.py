@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import os
 import signal
-import time
-from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +42,7 @@ class StepFns:
     lora_shardings: Any
     rest_shardings: Any
     opt_shardings: Any
+    batch_sharding: Any
 
 
 def split_model(model: nnx.Module):
@@ -141,7 +139,7 @@ def make_step_fns(
         out_shardings=(repl, repl),
         static_argnums=(3,),
     )
-    fns = StepFns(graphdef, train_jit, eval_jit, lora_sh, rest_sh, opt_sh_host)
+    fns = StepFns(graphdef, train_jit, eval_jit, lora_sh, rest_sh, opt_sh_host, batch_sh)
     return fns, lora_state, rest, opt_state
 
 
@@ -154,6 +152,28 @@ def stack_microbatches(batches: list[dict[str, np.ndarray]], pad_id: int) -> dic
         out[key] = np.stack([
             np.pad(b[key], ((0, 0), (0, length - b[key].shape[1])), constant_values=fill) for b in batches
         ])
+    return out
+
+
+def process_local_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
+    """Hand a [micro, batch, length] global batch to the step.
+
+    One process: the numpy arrays as they are (jit places them). Several processes (multi-host):
+    every process computes the same global batch order, keeps only the rows of the batch axis
+    that its devices hold, and builds the global array from those process-local rows with
+    ``jax.make_array_from_process_local_data``.
+    """
+    if jax.process_count() == 1:
+        return batch
+    out = {}
+    for key, value in batch.items():
+        rows = value.shape[1]
+        if rows % jax.process_count():
+            raise ValueError(f"train.batch_size={rows} must be divisible by the {jax.process_count()} processes")
+        per = rows // jax.process_count()
+        start = jax.process_index() * per
+        local = value[:, start:start + per]
+        out[key] = jax.make_array_from_process_local_data(sharding, local, value.shape)
     return out
 
 
@@ -181,19 +201,7 @@ class GracefulExit:
         return False
 
 
-def throughput(tokens: float, seconds: float) -> float:
-    return tokens / seconds if seconds > 0 else math.nan
-
-
-def timestamp() -> float:
-    return time.perf_counter()
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
-
-
 __all__ = [
-    "NonFiniteLoss", "StepFns", "make_step_fns", "split_model", "stack_microbatches", "GracefulExit",
-    "Path",
+    "GracefulExit", "NonFiniteLoss", "StepFns", "make_step_fns", "process_local_batch", "split_model",
+    "stack_microbatches",
 ]

@@ -26,7 +26,8 @@ from qlora_jax import data as data_lib
 from qlora_jax.checkpoints.load import load_model
 from qlora_jax.lora import ALL_LINEAR, LoraConfig
 from qlora_jax.train import checkpoint as ckpt_lib
-from qlora_jax.train import loop, sharding as shard_lib
+from qlora_jax.train import loop
+from qlora_jax.train import sharding as shard_lib
 from qlora_jax.train.config_check import ConfigError, validate_config
 from qlora_jax.train.metrics import MetricsWriter, plot_loss, read_metrics
 from qlora_jax.train.optim import make_optimizer, warmup_steps
@@ -80,7 +81,7 @@ def _setup_logging(workdir: Path) -> None:
         root.addHandler(sh)
 
 
-def _eval_fn(graphdef):
+def _eval_fn(graphdef, mesh):
     """Per-row (nll sum, loss tokens, correctly predicted loss tokens), adapters on or off."""
 
     def fn(lora, rest, batch, lora_enabled):
@@ -94,7 +95,8 @@ def _eval_fn(graphdef):
         correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32) * mask
         return jnp.sum((lse - picked) * mask, -1), jnp.sum(mask, -1), jnp.sum(correct, -1)
 
-    return jax.jit(fn, static_argnums=(3,))
+    repl = shard_lib.replicated(mesh)
+    return jax.jit(fn, static_argnums=(3,), out_shardings=(repl, repl, repl))
 
 
 def evaluate(eval_fn, lora, rest, examples, *, batch_size: int, seq_len: int, pad_id: int,
@@ -107,7 +109,7 @@ def evaluate(eval_fn, lora, rest, examples, *, batch_size: int, seq_len: int, pa
                                 group_by_length=False, shuffle=False, pad_id=pad_id, num_epochs=1)
     nll = tok = exact = rows = 0.0
     for batch in it:
-        s, n, c = eval_fn(lora, rest, {k: jnp.asarray(v) for k, v in batch.items()}, lora_enabled)
+        s, n, c = eval_fn(lora, rest, batch, lora_enabled)
         s, n, c = np.asarray(s), np.asarray(n), np.asarray(c)
         live = n > 0
         nll += s[live].sum()
@@ -168,20 +170,24 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
         schedule=cfg.optim.schedule, weight_decay=cfg.optim.weight_decay,
         max_grad_norm=cfg.optim.max_grad_norm, b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps)
     fns, lora_state, rest, opt_state = loop.make_step_fns(model, tx, mesh, offload_optimizer=cfg.optim.offload)
-    eval_fn = _eval_fn(fns.graphdef)
+    eval_fn = _eval_fn(fns.graphdef, mesh)
     del model
     ckpts = ckpt_lib.RunCheckpoints(workdir, keep=cfg.train.keep_checkpoints)
     record = lora_record(lora, cfg)
     start = 0
-    base_key = jax.random.key_data(jax.random.key(cfg.seed))
+    # The run's PRNG key, kept as host numpy (uint32 key data) and saved replicated; per-step keys
+    # are fold_in(key, step), so a resumed run draws the same dropout masks.
+    repl = shard_lib.replicated(mesh)
+    base_key = np.asarray(jax.random.key_data(jax.random.key(cfg.seed)))
     latest = ckpts.latest_step()
     if latest is not None:
         meta = ckpts.read_meta(latest)
         ckpt_lib.check_lora_record(meta.get("lora", {}), record, f"{ckpts.directory / str(latest)}")
         abstract = {"lora": ckpt_lib.abstract_like(lora_state), "opt_state": ckpt_lib.abstract_like(opt_state),
-                    "rng": jax.ShapeDtypeStruct(base_key.shape, base_key.dtype)}
+                    "rng": jax.ShapeDtypeStruct(base_key.shape, base_key.dtype, sharding=repl)}
         restored, meta = ckpts.restore(latest, abstract)
-        lora_state, opt_state, base_key = restored["lora"], restored["opt_state"], restored["rng"]
+        lora_state, opt_state = restored["lora"], restored["opt_state"]
+        base_key = np.asarray(restored["rng"])
         it.restore(meta["data"])
         start = int(meta["step"])
         _truncate_metrics(workdir / "metrics.jsonl", start)
@@ -222,8 +228,9 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
             while step < total_steps:
                 micro = [next(it) for _ in range(accum)]
                 batch = loop.stack_microbatches(micro, pad_id)
-                key = jax.random.fold_in(jax.random.wrap_key_data(base_key), step)
-                key = jax.random.key_data(key)
+                tokens_in_batch = float((batch["segment_ids"] > 0).sum())
+                batch = loop.process_local_batch(batch, fns.batch_sharding)
+                key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(base_key), step)))
                 lora_state, opt_state, m = fns.train_step(lora_state, opt_state, rest, batch, key)
                 m = jax.device_get(m)
                 if not bool(m["finite"]):
@@ -237,7 +244,7 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
                 now = time.perf_counter()
                 row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                        "lr": float(schedule(step - 1)), "loss_tokens": float(m["tokens"]),
-                       "tokens_per_s": float((batch["segment_ids"] > 0).sum()) / max(now - t_prev, 1e-9)}
+                       "tokens_per_s": tokens_in_batch / max(now - t_prev, 1e-9)}
                 t_prev = now
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     metrics.write(step, row)
@@ -247,7 +254,8 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
                     ev = evaluate(eval_fn, lora_state, rest, eval_ex, **eval_kw)
                     metrics.write(step, {"eval_loss": ev["loss"], "eval_exact_match": ev["exact_match"]})
                 if step % cfg.train.checkpoint_every == 0 or step == total_steps or stop.requested:
-                    ckpts.save(step, {"lora": lora_state, "opt_state": opt_state, "rng": base_key},
+                    rng = jax.make_array_from_process_local_data(repl, base_key)
+                    ckpts.save(step, {"lora": lora_state, "opt_state": opt_state, "rng": rng},
                                {"step": step, "data": it.state(), "lora": record})
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -314,4 +322,4 @@ def _print_end(r: dict[str, Any]) -> None:
     print("\n".join(lines), flush=True)
 
 
-__all__ = ["run", "ConfigError", "evaluate", "lora_config_from"]
+__all__ = ["ConfigError", "evaluate", "lora_config_from", "run"]

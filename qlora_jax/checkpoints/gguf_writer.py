@@ -1,0 +1,363 @@
+"""Write llama.cpp GGUF files from a model's (merged) weights, with metadata and tokenizer.
+
+The inverse of ``gguf_reader``: transformers names become GGUF names (``blk.3.attn_q.weight``),
+``[out, in]`` matrices are stored as ggml's ``[in, out]`` (the writer reverses the dimensions),
+and, for the llama architecture, the rows of q_proj / k_proj are reordered the way llama.cpp's
+converter does (llama.cpp rotates adjacent pairs, transformers the two halves of each head).
+Architecture metadata follows llama.cpp's key names; llama3 rope scaling is stored, as llama.cpp
+does, as a ``rope_freqs.weight`` tensor of per-frequency divisors.
+
+Tensor types (``tensor_type``):
+
+* 1-D tensors (norms, biases) and ``rope_freqs`` are always F32.
+* ``"F16"``, ``"Q8_0"`` (8-bit, 32-value blocks, one f16 scale), ``"Q4_0"`` (4-bit, same blocks):
+  every matrix in that type, quantized with ``gguf.quants.quantize``. A matrix whose rows are not
+  a multiple of the 32-value block falls back to F16.
+* In a Q4_0 file the output head (``output.weight``, or ``token_embd.weight`` when the embedding
+  is tied and doubles as the head) is stored Q8_0: llama.cpp's own Q4_0 recipe keeps it at Q6_K,
+  which the gguf package cannot produce, and a 4-bit head costs the most quality.
+
+Tokenizer metadata: copied verbatim from a GGUF source (any vocabulary type), or built from a
+transformers byte-level BPE tokenizer (LLaMA 3, Qwen, SmolLM): tokens, merges, token types,
+special ids, add-BOS/EOS flags, the pre-tokenizer name and the chat template.
+
+Memory: tensor infos are written first from the shapes alone, then each tensor is converted and
+written as it arrives, so only one float tensor is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from qlora_jax.checkpoints import gguf_reader
+
+GGML = gguf.GGMLQuantizationType
+TENSOR_TYPES = {"F32": GGML.F32, "F16": GGML.F16, "Q8_0": GGML.Q8_0, "Q4_0": GGML.Q4_0}
+_FILE_TYPES = {GGML.F32: gguf.LlamaFileType.ALL_F32, GGML.F16: gguf.LlamaFileType.MOSTLY_F16,
+               GGML.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, GGML.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0}
+
+# transformers model_type -> GGUF architecture (the reader's table, inverted).
+ARCHITECTURES = {info.model_type: arch for arch, info in gguf_reader.ARCHITECTURES.items()}
+_TOP_LEVEL = {hf: g for g, hf in gguf_reader._TOP_LEVEL_NAMES.items()}
+_BLOCK = {hf: g for g, hf in gguf_reader._BLOCK_NAMES.items()}
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def hf_to_gguf_name(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``. KeyError if unknown."""
+    if name in _TOP_LEVEL:
+        return _TOP_LEVEL[name]
+    parts = name.split(".")
+    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        module, kind = ".".join(parts[3:-1]), parts[-1]
+        if module in _BLOCK and kind in ("weight", "bias"):
+            return f"blk.{parts[2]}.{_BLOCK[module]}.{kind}"
+    raise KeyError(f"transformers tensor {name!r} has no GGUF counterpart we know of")
+
+
+def permute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter's reordering of llama q_proj / k_proj rows (and biases).
+
+    Within each head of ``head_dim`` rows, HF row ``s * head_dim/2 + j`` (``s`` in {0, 1}) goes
+    to row ``2 * j + s``, so the pairs rotated together become neighbours.
+    ``gguf_reader.unpermute_rotary`` is its inverse.
+    """
+    rows = weight.shape[0]
+    if rows % (2 * n_heads):
+        raise ValueError(f"{rows} rows cannot be split into {n_heads} heads of even size")
+    half = rows // n_heads // 2
+    halves = weight.reshape((n_heads, 2, half) + weight.shape[1:])  # [head, s, j, ...]
+    return np.ascontiguousarray(halves.swapaxes(1, 2)).reshape(weight.shape)
+
+
+def tensor_type_for(gguf_name: str, shape: tuple[int, ...], requested: str, *, tied: bool) -> GGML:
+    """The ggml type a tensor is stored in, given the file's requested type (module docstring)."""
+    if requested not in TENSOR_TYPES:
+        raise ValueError(f"GGUF tensor type must be one of {sorted(TENSOR_TYPES)}, got {requested!r}")
+    if len(shape) < 2 or gguf_name == ROPE_FREQS:
+        return GGML.F32
+    qtype = TENSOR_TYPES[requested]
+    head = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
+    if qtype == GGML.Q4_0 and head:
+        qtype = GGML.Q8_0
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if shape[-1] % block:
+        qtype = GGML.F16
+    return qtype
+
+
+def encode_tensor(values: np.ndarray, qtype: GGML) -> np.ndarray:
+    """float32 values -> the array GGUFWriter stores (f32, f16, or uint8 blocks)."""
+    return gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32), qtype)
+
+
+def _nbytes(shape: tuple[int, ...], qtype: GGML) -> int:
+    if qtype in (GGML.F32, GGML.F16):
+        return math.prod(shape) * (4 if qtype == GGML.F32 else 2)
+    return math.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype))
+
+
+def llama3_rope_freqs(config) -> np.ndarray:
+    """llama.cpp's ``rope_freqs`` for llama3 rope scaling: per-frequency divisors, float32."""
+    s = config.rope_scaling
+    return gguf_reader._llama3_rope_factors(
+        config.head_dim, config.rope_theta, s.factor, s.low_freq_factor, s.high_freq_factor,
+        s.original_max_position_embeddings).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# Tokenizer metadata
+# ------------------------------------------------------------------------------------------
+
+_V = gguf.GGUFValueType
+_TOKEN_TYPE = gguf.TokenType
+# Pre-tokenizer names llama.cpp uses, preferred when several names share one split regex.
+_PREFERRED_PRE = ("llama-bpe", "qwen2", "qwen35", "gpt-4o", "tekken")
+
+
+def _pre_tokenizer_name(spec: Mapping[str, Any]) -> str:
+    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer ("default" if unknown).
+
+    A Split regex is matched against the table transformers' GGUF loader uses to rebuild the
+    pre-tokenizer from that name; digits split one by one before GPT-2's regex is llama.cpp's
+    "smollm" (= "starcoder", "refact"); GPT-2's regex alone is "default".
+    """
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    regexes = [s["pattern"].get("Regex") for s in steps if s.get("type") == "Split" and "pattern" in s]
+    if regexes and regexes[0]:
+        try:
+            from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+        except ImportError:
+            GGUF_PRE_TOKENIZER_SPLITS = {}
+        names = [n for n, r in GGUF_PRE_TOKENIZER_SPLITS.items() if r == regexes[0]]
+        for name in _PREFERRED_PRE:
+            if name in names:
+                return name
+        if names:
+            return names[0]
+    if any(s.get("type") == "Digits" and s.get("individual_digits") for s in steps):
+        return "smollm"
+    return "default"
+
+
+def tokenizer_metadata(tokenizer, vocab_size: int) -> dict[str, tuple[Any, Any, Any]]:
+    """GGUF ``tokenizer.*`` metadata ``{key: (value, value type, array item type)}`` of a
+    transformers tokenizer with a byte-level BPE backend (``tokenizer.json``).
+
+    The token list has ``vocab_size`` entries (the model's embedding rows): ids the tokenizer
+    does not use are filled with ``[PAD{id}]`` tokens of type UNUSED, as llama.cpp does. Added
+    tokens are CONTROL when special, USER_DEFINED otherwise.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise NotImplementedError(f"{type(tokenizer).__name__} has no tokenizers backend; GGUF export "
+                                  "needs a fast (tokenizer.json) tokenizer")
+    spec = json.loads(backend.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise NotImplementedError(
+            f"GGUF export builds tokenizer metadata for byte-level BPE tokenizers (LLaMA 3, Qwen, SmolLM); "
+            f"this one is {model.get('type')} with pre-tokenizer {spec.get('pre_tokenizer')}. Export from a "
+            f"GGUF source instead: its tokenizer metadata is copied as it is")
+    tokens: list[str | None] = [None] * vocab_size
+    types = [int(_TOKEN_TYPE.NORMAL)] * vocab_size
+    entries = [(tok, idx, None) for tok, idx in model["vocab"].items()]
+    entries += [(t["content"], t["id"], bool(t.get("special"))) for t in spec.get("added_tokens", [])]
+    for token, idx, special in entries:
+        if idx >= vocab_size:
+            raise ValueError(f"tokenizer token {token!r} has id {idx}, beyond the model's {vocab_size} "
+                             f"embedding rows")
+        tokens[idx] = token
+        if special is not None:
+            types[idx] = int(_TOKEN_TYPE.CONTROL if special else _TOKEN_TYPE.USER_DEFINED)
+    for idx, token in enumerate(tokens):
+        if token is None:
+            tokens[idx] = f"[PAD{idx}]"
+            types[idx] = int(_TOKEN_TYPE.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    meta: dict[str, tuple[Any, Any, Any]] = {
+        "tokenizer.ggml.model": ("gpt2", _V.STRING, None),
+        "tokenizer.ggml.pre": (_pre_tokenizer_name(spec), _V.STRING, None),
+        "tokenizer.ggml.tokens": (tokens, _V.ARRAY, _V.STRING),
+        "tokenizer.ggml.token_type": (types, _V.ARRAY, _V.INT32),
+    }
+    if merges:
+        meta["tokenizer.ggml.merges"] = (merges, _V.ARRAY, _V.STRING)
+    for attr, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                      ("unk_token_id", "unknown_token_id"), ("pad_token_id", "padding_token_id")):
+        token_id = getattr(tokenizer, attr, None)
+        if token_id is not None:
+            meta[f"tokenizer.ggml.{key}"] = (int(token_id), _V.UINT32, None)
+    # Whether encoding adds BOS / EOS, observed rather than read from a flag that may not exist.
+    ids = tokenizer("a")["input_ids"]
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    meta["tokenizer.ggml.add_bos_token"] = (bool(bos is not None and ids[:1] == [bos]), _V.BOOL, None)
+    meta["tokenizer.ggml.add_eos_token"] = (bool(eos is not None and ids[-1:] == [eos]), _V.BOOL, None)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        meta["tokenizer.chat_template"] = (template, _V.STRING, None)
+    return meta
+
+
+def copied_tokenizer_metadata(source: gguf_reader.GGUFSource) -> dict[str, tuple[Any, Any, Any]]:
+    """Every ``tokenizer.*`` field of a GGUF file, with its stored types, to write unchanged."""
+    reader = gguf_reader.open_gguf(source)
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            sub_type = field.types[-1] if field.types[0] == _V.ARRAY else None
+            meta[key] = (field.contents(), field.types[0], sub_type)
+    return meta
+
+
+# ------------------------------------------------------------------------------------------
+# The file
+# ------------------------------------------------------------------------------------------
+
+def _add_architecture(writer: gguf.GGUFWriter, config, vocab_size: int) -> None:
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(vocab_size)
+    scaling = config.rope_scaling
+    if scaling is not None and scaling.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling.factor)
+    elif scaling is not None and scaling.rope_type != "llama3":  # llama3: the rope_freqs tensor
+        raise NotImplementedError(f"GGUF export of rope scaling {scaling.rope_type!r}")
+
+
+def write_gguf(path: str | os.PathLike, config, shapes: Mapping[str, tuple[int, ...]],
+               tensors: Iterable[tuple[str, np.ndarray]], *, tokenizer_meta: Mapping[str, tuple] | None = None,
+               tensor_type: str = "Q8_0", name: str | None = None) -> Path:
+    """Write a GGUF file.
+
+    ``config``: the model's :class:`~qlora_jax.models.ModelConfig`. ``shapes``: every transformers
+    tensor name -> shape, in the order ``tensors`` will yield them (HF ``[out, in]`` float
+    arrays; a tied model has no ``lm_head.weight``). ``tokenizer_meta``: from
+    :func:`tokenizer_metadata` or :func:`copied_tokenizer_metadata`. The file is written to a
+    temporary name and renamed when complete.
+    """
+    if config.model_type not in ARCHITECTURES:
+        raise NotImplementedError(f"GGUF export of model_type {config.model_type!r}; supported: "
+                                  f"{sorted(ARCHITECTURES)}")
+    arch = ARCHITECTURES[config.model_type]
+    permuted = gguf_reader.ARCHITECTURES[arch].rotary_permuted
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tied = "lm_head.weight" not in shapes
+
+    plan: list[tuple[str, str | None, tuple[int, ...], GGML]] = []  # (gguf name, hf name, shape, type)
+    for hf_name, shape in shapes.items():
+        gguf_name = hf_to_gguf_name(hf_name)
+        plan.append((gguf_name, hf_name, tuple(shape), tensor_type_for(gguf_name, tuple(shape), tensor_type,
+                                                                       tied=tied)))
+    extra = {}
+    if config.rope_scaling is not None and config.rope_scaling.rope_type == "llama3":
+        extra[ROPE_FREQS] = llama3_rope_freqs(config)
+        plan.append((ROPE_FREQS, None, extra[ROPE_FREQS].shape, GGML.F32))
+    vocab_size = shapes["model.embed_tokens.weight"][0]
+
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        if name:
+            writer.add_name(name)
+        writer.add_type(gguf.GGUFType.MODEL)
+        _add_architecture(writer, config, vocab_size)
+        writer.add_file_type(int(_FILE_TYPES[TENSOR_TYPES[tensor_type]]))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for key, (value, vtype, sub_type) in (tokenizer_meta or {}).items():
+            writer.add_key_value(key, value, vtype, sub_type)
+        for gguf_name, _, shape, qtype in plan:
+            # GGUFWriter takes numpy-order shapes for float types and byte shapes for block types.
+            byte_shape = shape if qtype in (GGML.F32, GGML.F16) else gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+            writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.float32 if qtype == GGML.F32 else
+                                                                   np.float16 if qtype == GGML.F16 else np.uint8),
+                                   _nbytes(shape, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+
+        heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+        pending = iter(tensors)
+        for gguf_name, hf_name, shape, qtype in plan:
+            if hf_name is None:
+                values = extra[gguf_name]
+            else:
+                got_name, values = next(pending, (None, None))
+                if got_name != hf_name:
+                    raise ValueError(f"tensors arrived out of order: expected {hf_name!r}, got {got_name!r}")
+                values = np.asarray(values, np.float32)
+                if values.shape != shape:
+                    raise ValueError(f"{hf_name}: shape {values.shape}, declared {shape}")
+                kind = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else None
+                if permuted and kind in heads:
+                    values = permute_rotary(values, heads[kind])
+            writer.write_tensor_data(encode_tensor(values, qtype))
+        if next(pending, None) is not None:
+            raise ValueError("more tensors than declared shapes")
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+    return path
+
+
+def model_tensor_shapes(model) -> dict[str, tuple[int, ...]]:
+    """transformers name -> per-layer shape of every frozen weight, in ``iter_hf_tensors`` order."""
+    from qlora_jax.models import QuantParam, hf_name_table
+
+    shapes = {}
+    for name, slot in hf_name_table(model).items():
+        var = model
+        for part in slot.path:
+            var = getattr(var, part)
+        value = var.get_value()
+        if isinstance(var, QuantParam):
+            shapes[name] = tuple(value.shape)  # Quant4bit.shape is the per-layer (out, in)
+        else:
+            shapes[name] = tuple(value.shape[1:] if slot.layer is not None else value.shape)
+    return shapes
+
+
+def save_gguf(model, path: str | os.PathLike, *, tokenizer=None, source_gguf: gguf_reader.GGUFSource | None = None,
+              tensor_type: str = "Q8_0", name: str | None = None) -> Path:
+    """Write ``model`` with its adapters merged (``W + s B A`` on the dequantized base) as GGUF.
+
+    Tokenizer metadata comes from ``source_gguf`` (copied) when given, else from ``tokenizer``.
+    """
+    from qlora_jax.models import iter_hf_tensors
+
+    shapes = model_tensor_shapes(model)
+    vocab_size = shapes["model.embed_tokens.weight"][0]
+    if source_gguf is not None:
+        meta = copied_tokenizer_metadata(source_gguf)
+    elif tokenizer is not None:
+        meta = tokenizer_metadata(tokenizer, vocab_size)
+    else:
+        meta = None
+    return write_gguf(path, model.config, shapes, iter_hf_tensors(model, merge_lora=True, dtype=np.float32),
+                      tokenizer_meta=meta, tensor_type=tensor_type, name=name)
+
+
+__all__ = ["ARCHITECTURES", "TENSOR_TYPES", "copied_tokenizer_metadata", "encode_tensor", "hf_to_gguf_name",
+           "llama3_rope_freqs", "model_tensor_shapes", "permute_rotary", "save_gguf", "tensor_type_for",
+           "tokenizer_metadata", "write_gguf"]
