@@ -21,6 +21,7 @@ def get_config() -> ConfigDict:
     c.model.double_quant = True  # quantize the absmax constants to 8 bits (QLoRA: on)
     c.model.dtype = "float32"  # compute dtype: float32 on CPU, bfloat16 on GPU/TPU
     c.model.param_dtype = "float32"  # storage of unquantized weights (embeddings, norms)
+    c.model.init_from = ""  # a previous run's workdir: start from its newest adapters (stage handoff)
     c.model.remat = "none"  # per decoder layer: "none" | "full" (recompute it in the backward pass) | "dots" | "dots_no_batch"
 
     c.lora = ConfigDict()
@@ -41,6 +42,7 @@ def get_config() -> ConfigDict:
     c.data.train_on_prompt = False  # also put loss on prompt tokens
     c.data.pack = False  # pack several examples per row (attention stays within each example)
     c.data.group_by_length = True  # batch examples of similar length together
+    c.data.pad_to_multiple_of = 32  # without packing, pad each batch to a multiple of this (bounds recompiles)
     c.data.max_eval_examples = 64  # cap on held-out examples for eval loss and generation
 
     c.optim = ConfigDict()

@@ -31,10 +31,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("qlora_jax.export")
 
 FORMATS = ("merged", "peft", "bnb4", "gguf")
 SUMMARY_FILE = "summary.json"
@@ -202,7 +205,12 @@ def read_run(workdir: str | os.PathLike, *, source: str | None = None, adapter: 
 
 
 def load_orbax_adapters(model, step_dir: Path) -> None:
-    """Set ``model``'s adapters from an Orbax checkpoint's ``state["lora"]`` (in place)."""
+    """Set ``model``'s adapters from an Orbax checkpoint step directory (in place).
+
+    Reads the adapters alone: the ``lora`` item (``checkpoints/<step>/lora``), or, in checkpoints
+    written before the adapters got their own item, ``state["lora"]``. The saved tree mirrors
+    ``nnx.state(model, LoRAParam)`` (``layers/self_attn/q_proj/lora_a/value``).
+    """
     import jax.numpy as jnp
     import numpy as np
     import orbax.checkpoint as ocp
@@ -210,10 +218,17 @@ def load_orbax_adapters(model, step_dir: Path) -> None:
 
     from qlora_jax.lora import LoRAParam
 
-    state = ocp.StandardCheckpointer().restore((Path(step_dir) / "state").absolute())
-    if "lora" not in state:
-        raise ExportError(f"{step_dir}/state holds no 'lora' entry (keys: {sorted(state)})")
-    saved, missing = state["lora"], []
+    step_dir = Path(step_dir).absolute()
+    if (step_dir / "lora").is_dir():
+        saved = ocp.StandardCheckpointer().restore(step_dir / "lora")
+    elif (step_dir / "state").is_dir():
+        state = ocp.StandardCheckpointer().restore(step_dir / "state")
+        if "lora" not in state:
+            raise ExportError(f"{step_dir}/state holds no 'lora' entry (keys: {sorted(state)})")
+        saved = state["lora"]
+    else:
+        raise ExportError(f"{step_dir} has neither a lora/ nor a state/ item; is it an Orbax checkpoint of a run?")
+    missing = []
     for path, var in nnx.iter_graph(model):
         if not isinstance(var, LoRAParam):
             continue
@@ -325,6 +340,8 @@ def export(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike | None =
         raise ExportError(f"--gguf-type must be one of {', '.join(TENSOR_TYPES)}, got {gguf_type!r}")
     run = read_run(workdir, source=source, adapter=adapter, quantize=quantize, blocksize=blocksize,
                    double_quant=double_quant)
+    log.info("base %s (quantize=%s, blocksize %d, double_quant %s); adapters from %s", run.source, run.quantize,
+             run.blocksize, run.double_quant, run.adapter_dir or run.checkpoint)
     model, tokenizer = load_run_model(run, with_tokenizer=fmt in ("merged", "bnb4", "gguf"))
     out = Path(out) if out is not None else default_out(run.workdir, fmt, gguf_type)
     return export_model(model, tokenizer, fmt, out, source=run.source, dtype=dtype, gguf_type=gguf_type,
@@ -372,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         path = export(args.workdir, args.format, args.out, dtype=args.dtype, gguf_type=args.gguf_type,
                       adapter=args.adapter, source=args.source, quantize=args.quantize, blocksize=args.blocksize,

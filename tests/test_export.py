@@ -11,6 +11,7 @@ adapters on all seven projections (or an Orbax checkpoint instead of the adapter
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -144,7 +145,7 @@ def test_read_run_from_summary_and_adapter(nf4_run, base_dir):
 
 def test_read_run_from_orbax_checkpoint(tmp_path, base_dir):
     """No summary.json, no adapter/: source, quantization, LoRA config and adapters all come from the
-    newest Orbax checkpoint, as the trainer writes it (state {lora, opt_state, rng}, meta JSON)."""
+    newest Orbax checkpoint, as the trainer writes it (items lora, train {opt_state, rng}, meta)."""
     import optax
 
     from qlora_jax.train.checkpoint import RunCheckpoints
@@ -157,14 +158,24 @@ def test_read_run_from_orbax_checkpoint(tmp_path, base_dir):
     for step, seed in ((5, 3), (10, 4)):  # the newest one must win
         randomize_lora_b(model, seed)
         lora_state = nnx.state(model, LoRAParam)
-        state = {"lora": lora_state, "opt_state": optax.adam(1e-3).init(lora_state),
-                 "rng": jax.random.key_data(jax.random.key(0))}
-        ckpts.save(step, state, {"step": step, "data": {}, "lora": record})
+        train_state = {"opt_state": optax.adam(1e-3).init(lora_state), "rng": jax.random.key_data(jax.random.key(0))}
+        ckpts.save(step, lora_state, train_state, {"step": step, "data": {}, "lora": record})
     ckpts.close()
 
     run = export_lib.read_run(tmp_path)
     assert run.checkpoint == tmp_path / "checkpoints" / "10" and run.adapter_dir is None
     assert (run.source, run.quantize, run.lora.targets) == (str(base_dir), None, ("q_proj", "v_proj"))
+    # Checkpoints written before the adapters had their own item: state = {lora, opt_state, rng}.
+    import orbax.checkpoint as ocp
+
+    old = tmp_path / "old-layout"
+    with ocp.StandardCheckpointer() as checkpointer:  # saves asynchronously; leaving the block waits
+        checkpointer.save((old / "state").absolute(), {"lora": nnx.state(model, LoRAParam), "rng": 0})
+    rebuilt, _ = load_model(base_dir, quantize=None, lora=lora, with_tokenizer=False)
+    export_lib.load_orbax_adapters(rebuilt, old)
+    for a, b in zip(jax.tree.leaves(nnx.state(rebuilt, LoRAParam)), jax.tree.leaves(nnx.state(model, LoRAParam))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
     out = export_lib.export(tmp_path, "peft", tmp_path / "peft")
     saved = load_file(str(out / "adapter_model.safetensors"))
     adapted = [v for v in model.iter_linears() if v.adapted]
@@ -285,14 +296,31 @@ def test_bnb4_codes_exact_and_logits(nf4_run):
         if f32_path:
             for name, module in modules.items():
                 w = module.weight
-                # 1-D: bitsandbytes-CPU's dequantize_4bit is unreliable for some 2-D shapes.
-                flat = bnb.functional.dequantize_4bit(w.data, w.quant_state).reshape(-1).float().numpy()
+                # Dequantized as 1-D: bitsandbytes-CPU's dequantize_4bit is wrong for some 2-D shapes.
+                flat_state = copy.copy(w.quant_state)
+                flat_state.shape = torch.Size([w.quant_state.shape.numel()])
+                flat = bnb.functional.dequantize_4bit(w.data, flat_state).reshape(-1).float().numpy()
                 expected = views[name].base_weight().reshape(-1)
                 assert np.array_equal(flat.view(np.uint32), expected.view(np.uint32)), name
                 module.support_avx512bf16_for_cpu = False  # before the first forward, which repacks
         logits[f32_path] = torch_logits(peft.PeftModel.from_pretrained(loaded, out / "adapter").eval())
     assert max_abs(logits[True], ours) <= PARITY_TOL
     assert max_abs(logits[False], ours) <= 1e-2
+
+
+def test_bnb4_from_float_base_quantizes_like_loading(plain_run, base_dir):
+    """A run on an unquantized base: bnb4 quantizes each linear at export exactly as loading the base
+    with quantize="nf4" does, so base + exported adapter reloads bit for bit the same model."""
+    from qlora_jax.checkpoints.peft_io import load_peft_adapter
+
+    workdir, _, _ = plain_run
+    out = export_lib.export(workdir, "bnb4", workdir / "bnb4", dtype="float32")
+    reloaded, _ = load_model(out, quantize="nf4", lora=LORA, with_tokenizer=False)
+    load_peft_adapter(reloaded, out / "adapter")
+    direct, _ = load_model(base_dir, quantize="nf4", lora=LORA, with_tokenizer=False)
+    load_peft_adapter(direct, workdir / "adapter")
+    for a, b in zip(jax.tree.leaves(nnx.state(reloaded)), jax.tree.leaves(nnx.state(direct))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ------------------------------------------------------------------------------------------

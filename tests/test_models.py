@@ -9,6 +9,7 @@ initialisation and module shapes for the real config files.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import glob
 import json
 import math
@@ -159,7 +160,11 @@ def test_f32_parity_with_transformers(family, tied):
     hf_model, hf_cfg = tiny_hf(family, tied=tied)
     model = build_model(hf_cfg, hf_tensors(hf_model), dtype=jnp.float32)
     assert (model.lm_head is None) == tied
-    np.testing.assert_allclose(rope_inv_freq(model.config), hf_model.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+    inv_freq = rope_inv_freq(model.config)
+    np.testing.assert_allclose(inv_freq, hf_model.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+    if model.config.rope_scaling is not None:  # the scaling is really exercised
+        unscaled = rope_inv_freq(dataclasses.replace(model.config, rope_scaling=None))
+        assert np.abs(inv_freq / unscaled - 1).max() > 0.4
     ids = random_ids(2, 48)
     logits = model(jnp.asarray(ids))
     chex.assert_shape(logits, (2, 48, VOCAB))
@@ -167,16 +172,6 @@ def test_f32_parity_with_transformers(family, tied):
     err = max_abs(logits, torch_logits(hf_model, ids))
     print(f"{family} tied={tied}: max |logit diff| = {err:.2e}")
     assert err <= PARITY_TOL
-
-
-def test_llama3_rope_scaling_changes_logits():
-    """The llama3 case above is only meaningful if its scaling actually changes the output."""
-    hf_model, hf_cfg = tiny_hf("llama3-rope")
-    unscaled = dict(hf_cfg, rope_parameters=dict(rope_type="default", rope_theta=500000.0))
-    ids = jnp.asarray(random_ids(1, 48))
-    scaled_out = build_model(hf_cfg, hf_tensors(hf_model), dtype=jnp.float32)(ids)
-    plain_out = build_model(unscaled, hf_tensors(hf_model), dtype=jnp.float32)(ids)
-    assert max_abs(scaled_out, plain_out) > 10 * PARITY_TOL
 
 
 def test_einsum_attention_matches_jax_attention():
@@ -218,7 +213,7 @@ def test_hidden_states_feed_chunked_logits():
 
 
 def test_bf16_compute():
-    """bf16 storage and compute: bf16 logits close to the f32 model, adapters and grads in f32."""
+    """bf16 storage and compute: bf16 logits close to the f32 model; adapters stay float32."""
     hf_model, hf_cfg = tiny_hf("qwen3")
     ids = jnp.asarray(random_ids(2, 16))
     kw = dict(quant=QuantConfig(), lora=LoraConfig(r=4))
@@ -227,8 +222,7 @@ def test_bf16_compute():
     logits = model(ids)
     chex.assert_type(logits, jnp.bfloat16)
     assert max_abs(logits, f32) <= 2e-2 * float(jnp.abs(f32).max())  # bf16 has an 8-bit mantissa
-    grads = nnx.grad(lambda m: jnp.mean(m(ids).astype(jnp.float32) ** 2), argnums=nnx.DiffState(0, LoRAParam))(model)
-    assert {np.dtype(g.dtype) for g in jax.tree.leaves(grads)} == {np.dtype(np.float32)}
+    assert {np.dtype(v.dtype) for v in jax.tree.leaves(nnx.state(model, LoRAParam))} == {np.dtype(np.float32)}
 
 
 def test_build_model_places_arrays_on_a_mesh():
@@ -407,10 +401,12 @@ def test_param_tree_of_quantized_lora_model(family, tied):
 # Memory: the backward pass recomputes the dequantized weight
 
 def _float_residuals(fn, *args):
-    """(shape, dtype) of every float array the VJP of ``fn`` keeps for the backward pass."""
-    _, vjp_fn = jax.vjp(fn, *args)
-    return [(tuple(x.shape), np.dtype(x.dtype)) for x in jax.tree.leaves(vjp_fn)
-            if jnp.issubdtype(x.dtype, jnp.floating)]
+    """(shape, dtype) of every float array the VJP of ``fn`` keeps for the backward pass, and
+    the gradient of ``fn`` (a scalar function) computed from those residuals."""
+    out, vjp_fn = jax.vjp(fn, *args)
+    residuals = [(tuple(x.shape), np.dtype(x.dtype)) for x in jax.tree.leaves(vjp_fn)
+                 if jnp.issubdtype(x.dtype, jnp.floating)]
+    return residuals, vjp_fn(jnp.ones_like(out))
 
 
 def test_quantized_linear_saves_no_dense_weight(capsys):
@@ -431,11 +427,11 @@ def test_quantized_linear_saves_no_dense_weight(capsys):
         return jnp.sum(jnp.tanh(y))
 
     dense = {(out_f, in_f), (in_f, out_f)}
-    assert not [s for s, _ in _float_residuals(ours, lora_state, x) if s[-2:] in dense]
-    assert [s for s, _ in _float_residuals(naive, lora_state, x) if s[-2:] in dense]  # the check can fail
-    # Gradients agree with the naive formulation.
-    g_ours = jax.grad(ours, argnums=(0, 1))(lora_state, x)
-    g_naive = jax.grad(naive, argnums=(0, 1))(lora_state, x)
+    residuals, g_ours = _float_residuals(ours, lora_state, x)
+    assert not [s for s, _ in residuals if s[-2:] in dense]
+    residuals, g_naive = _float_residuals(naive, lora_state, x)
+    assert [s for s, _ in residuals if s[-2:] in dense]  # the check can fail
+    # Gradients (w.r.t. the adapters and x) agree with the naive formulation.
     for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_naive)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     jax.ad_checkpoint.print_saved_residuals(ours, lora_state, x)
@@ -459,9 +455,9 @@ def test_model_backward_saves_no_dense_weight_with_or_without_remat():
         dense = set()
         for out_f, in_f in cfg.linear_shapes().values():
             dense |= {(out_f, in_f), (in_f, out_f)}
-        residuals = _float_residuals(loss, lora_state)
+        residuals, grad = _float_residuals(loss, lora_state)
         assert residuals  # the check looks at something
         assert not [s for s, _ in residuals if s[-2:] in dense], (remat_policy, residuals)
-        grads[remat_policy] = jax.tree.leaves(jax.grad(loss)(lora_state))
+        grads[remat_policy] = jax.tree.leaves(grad)
     for a, b in zip(grads["none"], grads["full"]):  # remat changes memory, not results
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)

@@ -200,3 +200,24 @@ def test_gradient_accumulation_equals_big_batch(tiny_model_dir):
     direct = jax.grad(mean_loss)(lora_state)
     for a, b in zip(jax.tree.leaves(g_acc), jax.tree.leaves(direct)):
         np.testing.assert_allclose(a, np.asarray(b), rtol=2e-4, atol=1e-7)
+
+
+def test_bad_data_and_nan_loss_stop_cleanly(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = (REPO / "data/sft_demo/train.jsonl").read_text().splitlines()
+    bad.write_text("\n".join(good[:5] + ['{"messages": [oops'] + good[5:10]) + "\n")
+    proc = _train_cli({**_cli_overrides(tiny_model_dir, tmp_path / "w1"), "data.train": bad})
+    assert proc.returncode == 2 and f"{bad}:6" in proc.stderr, proc.stderr[-2000:]
+
+    # A learning rate of 1e30 overflows the adapters after the first update: step 2's loss is
+    # not finite. The run stops naming step 2, step 1's checkpoint stays the newest, and the
+    # metrics of step 1 are kept.
+    over = {**_cli_overrides(tiny_model_dir, tmp_path / "w2"), "optim.lr": 1e30, "optim.warmup_ratio": 0.0,
+            "optim.max_grad_norm": 0.0, "train.checkpoint_every": 1, "lora.dropout": 0.0}
+    proc = _train_cli(over)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "non-finite loss or gradient at step 2" in proc.stderr and "(step 1)" in proc.stderr
+    ckpts = sorted(int(p.name) for p in (tmp_path / "w2/checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts == [1]
+    rows = [r for r in read_metrics(tmp_path / "w2/metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1] and np.isfinite(rows[0]["loss"])

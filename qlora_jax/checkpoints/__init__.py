@@ -1,7 +1,9 @@
 """Checkpoints in: Hugging Face safetensors, bitsandbytes 4-bit safetensors, GGUF, built-in models.
+Checkpoints out: merged HF safetensors, bitsandbytes 4-bit safetensors, GGUF (and PEFT adapters,
+``peft_io``).
 
 Every reader yields ``(transformers name, tensor)`` one tensor at a time, so a loader can
-quantize or shard each weight as it arrives.
+quantize or shard each weight as it arrives; every writer consumes such a stream.
 """
 
 from qlora_jax.checkpoints.bnb_format import (
@@ -26,6 +28,7 @@ from qlora_jax.checkpoints.gguf_reader import (
     iter_gguf_tensors,
     open_gguf,
 )
+from qlora_jax.checkpoints.gguf_writer import save_gguf, tokenizer_metadata, write_gguf
 from qlora_jax.checkpoints.hf_reader import (
     SafetensorsReader,
     hf_config,
@@ -34,6 +37,7 @@ from qlora_jax.checkpoints.hf_reader import (
     load_tokenizer,
     normalize_config,
 )
+from qlora_jax.checkpoints.hf_writer import ShardedWriter, iter_bnb_tensors, save_merged
 
 __all__ = [
     "BUILTIN_MODELS", "DEFAULT_BUILTIN", "SafetensorsReader", "bnb_quantization_config",
@@ -41,4 +45,5 @@ __all__ = [
     "hf_config", "hf_tensor_shapes", "is_bnb_4bit_checkpoint", "is_builtin", "iter_bnb_checkpoint",
     "iter_gguf_tensors", "iter_hf_tensors", "load_tokenizer", "normalize_config", "open_gguf",
     "quant4bit_to_bnb_tensors", "resolve_builtin", "save_bnb_checkpoint",
+    "ShardedWriter", "iter_bnb_tensors", "save_gguf", "save_merged", "tokenizer_metadata", "write_gguf",
 ]

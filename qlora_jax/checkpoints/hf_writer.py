@@ -17,7 +17,7 @@ import functools
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +179,7 @@ def iter_bnb_tensors(model, *, dtype: str | Any = "bfloat16", quant_type: str = 
     from qlora_jax.models import QuantParam, hf_name_table
     from qlora_jax.quant import quantize_4bit
 
+    quantize = jax.jit(quantize_4bit, static_argnames=("quant_type", "blocksize", "double_quant"))
     np_dtype = numpy_dtype(dtype)
     linear_weights = {f"{v.hf_name}.weight" for v in model.iter_linears()}
     for name, slot in hf_name_table(model).items():
@@ -189,7 +190,7 @@ def iter_bnb_tensors(model, *, dtype: str | Any = "bfloat16", quant_type: str = 
         if isinstance(var, QuantParam):
             yield name, jax.tree.map(np.asarray, value)
         elif name in linear_weights:
-            q = quantize_4bit(np.asarray(value), quant_type=quant_type, blocksize=blocksize,
+            q = quantize(np.asarray(value), quant_type=quant_type, blocksize=blocksize,
                               double_quant=double_quant)
             yield name, jax.tree.map(np.asarray, q)
         else:

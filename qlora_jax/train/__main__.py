@@ -20,14 +20,20 @@ def main(argv):
     from qlora_jax.distributed import maybe_initialize
 
     maybe_initialize()
+    from qlora_jax.data import DataError
+    from qlora_jax.train.checkpoint import CheckpointMismatch
     from qlora_jax.train.config_check import ConfigError
+    from qlora_jax.train.loop import NonFiniteLoss
     from qlora_jax.train.run import run
 
     try:
         run(_CONFIG.value)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, DataError, CheckpointMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Orbax checkpoints of a training run: adapters, optimizer state, step, data position, RNG.
 
-Layout of ``workdir/checkpoints/<step>/``: ``state`` (a pytree: ``lora`` adapters, ``opt_state``,
-``rng``), and ``meta`` (JSON: step, data-iterator position, the LoRA and quantization config the
+Layout of ``workdir/checkpoints/<step>/``: ``lora`` (the adapters), ``train`` (optimizer state and
+RNG key) and ``meta`` (JSON: step, data-iterator position, the LoRA and quantization config the
 adapters were trained with). The base model is never written: it is the frozen input.
 
 The same ``meta`` record is what the stage handoff checks: restoring adapters into a model whose
@@ -62,25 +62,37 @@ class RunCheckpoints:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> None:
+    def save(self, step: int, lora: Any, train_state: Any, meta: dict[str, Any], *, force: bool = False) -> None:
+        """``lora``: the adapters (restorable alone, for a stage handoff); ``train_state``: the rest
+        of what resuming needs (optimizer state, RNG); ``meta``: JSON (step, data position, LoRA)."""
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                lora=ocp.args.StandardSave(lora),
+                train=ocp.args.StandardSave(train_state),
                 meta=ocp.args.JsonSave(_jsonable(meta)),
             ),
             force=force,
         )
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    def restore(self, step: int, abstract_lora: Any, abstract_train: Any) -> tuple[Any, Any, dict[str, Any]]:
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
+                lora=ocp.args.StandardRestore(abstract_lora),
+                train=ocp.args.StandardRestore(abstract_train),
                 meta=ocp.args.JsonRestore(),
             ),
         )
-        return out["state"], out["meta"]
+        return out["lora"], out["train"], out["meta"]
+
+    def restore_lora(self, step: int, abstract_lora: Any) -> tuple[Any, dict[str, Any]]:
+        """Only the adapters and the record: what the Stage-1 -> Stage-2 handoff needs."""
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(lora=ocp.args.StandardRestore(abstract_lora), meta=ocp.args.JsonRestore()),
+        )
+        return out["lora"], out["meta"]
 
     def read_meta(self, step: int) -> dict[str, Any]:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -103,3 +115,22 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
     )
+
+
+def init_adapters_from(source: str | Path, abstract_lora: Any, record: dict[str, Any]) -> tuple[Any, str]:
+    """Adapters to start a run from: the newest checkpoint of another run's workdir (Orbax; the
+    Stage-1 -> Stage-2 handoff). The LoRA record must agree. Returns (lora_state, description)."""
+    source = Path(source)
+    if not (source / "checkpoints").is_dir():
+        raise FileNotFoundError(f"model.init_from: {source} has no checkpoints/ directory (expected a run's workdir)")
+    ckpts = RunCheckpoints(source, async_save=False)
+    try:
+        step = ckpts.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"model.init_from: no finished checkpoint in {ckpts.directory}")
+        meta = ckpts.read_meta(step)
+        check_lora_record(meta.get("lora", {}), record, f"model.init_from={source}")
+        lora, _ = ckpts.restore_lora(step, abstract_lora)
+    finally:
+        ckpts.close()
+    return lora, f"{ckpts.directory / str(step)}"

@@ -157,7 +157,8 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
         eval_ex = eval_ex[: cfg.data.max_eval_examples]
     it = data_lib.BatchIterator(
         train_ex, batch_size=cfg.train.batch_size, seq_len=cfg.data.max_length, pack=cfg.data.pack,
-        group_by_length=cfg.data.group_by_length, pad_id=pad_id, seed=cfg.seed)
+        group_by_length=cfg.data.group_by_length, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+        pad_id=pad_id, seed=cfg.seed)
     accum = cfg.train.grad_accum
     if cfg.train.max_steps > 0:
         total_steps = cfg.train.max_steps
@@ -183,15 +184,17 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
     if latest is not None:
         meta = ckpts.read_meta(latest)
         ckpt_lib.check_lora_record(meta.get("lora", {}), record, f"{ckpts.directory / str(latest)}")
-        abstract = {"lora": ckpt_lib.abstract_like(lora_state), "opt_state": ckpt_lib.abstract_like(opt_state),
-                    "rng": jax.ShapeDtypeStruct(base_key.shape, base_key.dtype, sharding=repl)}
-        restored, meta = ckpts.restore(latest, abstract)
-        lora_state, opt_state = restored["lora"], restored["opt_state"]
-        base_key = np.asarray(restored["rng"])
+        abstract_train = {"opt_state": ckpt_lib.abstract_like(opt_state),
+                          "rng": jax.ShapeDtypeStruct(base_key.shape, base_key.dtype, sharding=repl)}
+        lora_state, train_state, meta = ckpts.restore(latest, ckpt_lib.abstract_like(lora_state), abstract_train)
+        opt_state, base_key = train_state["opt_state"], np.asarray(train_state["rng"])
         it.restore(meta["data"])
         start = int(meta["step"])
         _truncate_metrics(workdir / "metrics.jsonl", start)
         log.info("resumed from %s at step %d", ckpts.directory / str(latest), start)
+    elif cfg.model.init_from:
+        lora_state, where = ckpt_lib.init_adapters_from(cfg.model.init_from, ckpt_lib.abstract_like(lora_state), record)
+        log.info("adapters initialised from %s", where)
 
     n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora_state))
     n_frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(rest))
@@ -255,7 +258,7 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
                     metrics.write(step, {"eval_loss": ev["loss"], "eval_exact_match": ev["exact_match"]})
                 if step % cfg.train.checkpoint_every == 0 or step == total_steps or stop.requested:
                     rng = jax.make_array_from_process_local_data(repl, base_key)
-                    ckpts.save(step, {"lora": lora_state, "opt_state": opt_state, "rng": rng},
+                    ckpts.save(step, lora_state, {"opt_state": opt_state, "rng": rng},
                                {"step": step, "data": it.state(), "lora": record})
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
