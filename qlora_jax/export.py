@@ -342,7 +342,11 @@ def export(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike | None =
                    double_quant=double_quant)
     log.info("base %s (quantize=%s, blocksize %d, double_quant %s); adapters from %s", run.source, run.quantize,
              run.blocksize, run.double_quant, run.adapter_dir or run.checkpoint)
-    model, tokenizer = load_run_model(run, with_tokenizer=fmt in ("merged", "bnb4", "gguf"))
+    from qlora_jax.checkpoints.load import resolve_source
+
+    # GGUF export copies a GGUF source's tokenizer metadata; the other cases need the tokenizer.
+    needs_tokenizer = fmt in ("merged", "bnb4") or (fmt == "gguf" and resolve_source(run.source)[0] != "gguf")
+    model, tokenizer = load_run_model(run, with_tokenizer=needs_tokenizer)
     out = Path(out) if out is not None else default_out(run.workdir, fmt, gguf_type)
     return export_model(model, tokenizer, fmt, out, source=run.source, dtype=dtype, gguf_type=gguf_type,
                         max_shard_bytes=max_shard_bytes)
