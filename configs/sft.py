@@ -58,8 +58,8 @@ def get_config() -> ConfigDict:
 
     c.train = ConfigDict()
     c.train.batch_size = 8  # examples per micro-batch (global, across devices)
-    c.train.grad_accum = 2  # micro-batches per optimizer step (seed 000: 16)
-    c.train.epochs = 2.0  # passes over the training set (ignored when max_steps > 0)
+    c.train.grad_accum = 1  # micro-batches per optimizer step (seed 000: 16)
+    c.train.epochs = 0.5  # passes over the training set (ignored when max_steps > 0)
     c.train.max_steps = -1  # optimizer steps; -1 = derive from epochs
     c.train.log_every = 1  # optimizer steps between metric rows
     c.train.eval_every = 0  # optimizer steps between eval-loss passes (0 = only before and after)

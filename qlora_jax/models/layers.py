@@ -85,6 +85,10 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
+def _normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    return (INIT_STD * jax.random.normal(rngs.params(), shape)).astype(dtype)
+
+
 def _take_layer(tree: Any, index: int | None) -> Any:
     return tree if index is None else jax.tree.map(lambda a: a[index], tree)
 
@@ -105,7 +109,7 @@ class QLoRALinear(nnx.Module):
         self.dtype, self.param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
         self.lora_config = lora
         self.scale = lora.scale if lora is not None else 0.0
-        w = (INIT_STD * jax.random.normal(rngs.params(), (out_features, in_features))).astype(param_dtype)
+        w = _normal_init(rngs, (out_features, in_features), param_dtype)
         if quant is not None:
             self.weight = QuantParam(quantize_jit(w, quant_type=quant.quant_type, blocksize=quant.blocksize,
                                                   double_quant=quant.double_quant))
@@ -181,7 +185,7 @@ class Embedding(nnx.Module):
 
     def __init__(self, vocab_size: int, dim: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.dtype = jnp.dtype(dtype)
-        self.weight = BaseParam((INIT_STD * jax.random.normal(rngs.params(), (vocab_size, dim))).astype(param_dtype))
+        self.weight = BaseParam(_normal_init(rngs, (vocab_size, dim), param_dtype))
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.weight.get_value(), input_ids, axis=0).astype(self.dtype)
@@ -191,7 +195,7 @@ class LMHead(nnx.Module):
     """Untied output projection ``weight [vocab, hidden]`` (HF ``lm_head.weight``), frozen."""
 
     def __init__(self, vocab_size: int, dim: int, *, param_dtype: Any, rngs: nnx.Rngs):
-        self.weight = BaseParam((INIT_STD * jax.random.normal(rngs.params(), (vocab_size, dim))).astype(param_dtype))
+        self.weight = BaseParam(_normal_init(rngs, (vocab_size, dim), param_dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +216,8 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     if scaling.rope_type == "linear":
         return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
     # llama3: keep high frequencies, divide low ones by `factor`, interpolate the band between.
-    factor, lo, hi = (np.float32(v) for v in (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor))
+    factor = np.float32(scaling.factor)
+    lo, hi = np.float32(scaling.low_freq_factor), np.float32(scaling.high_freq_factor)
     old_len = np.float32(scaling.original_max_position_embeddings)
     low_freq_wavelen, high_freq_wavelen = old_len / lo, old_len / hi
     wavelen = np.float32(2 * math.pi) / inv_freq

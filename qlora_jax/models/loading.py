@@ -147,9 +147,11 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
     are skipped. Unknown, missing or repeated names raise ``ValueError`` listing them.
 
     LoRA adapters are initialized by ``lora.init_adapters`` from ``rng_seed``, to the same values
-    ``CausalLM(..., rngs=nnx.Rngs(rng_seed))`` starts with. With ``mesh``, every array is placed with a ``NamedSharding``: its
-    ``PartitionSpec`` comes from ``shardings`` -- a callable ``(name, shape) -> spec | None`` or a
-    mapping ``{regex: spec}`` fullmatched against names like ``"layers.mlp.up_proj.weight"`` /
+    ``CausalLM(..., rngs=nnx.Rngs(rng_seed))`` starts with.
+
+    With ``mesh``, every array is placed with a ``NamedSharding``: its ``PartitionSpec`` comes
+    from ``shardings`` -- a callable ``(name, shape) -> spec | None`` or a mapping
+    ``{regex: spec}`` fullmatched against names like ``"layers.mlp.up_proj.weight"`` /
     ``"layers.mlp.up_proj.weight.packed"`` / ``"layers.mlp.up_proj.lora_a"`` (stacked arrays
     have the layer axis first) -- and is replicated when none is given. The mesh's axes must be
     ``AxisType.Auto`` (GSPMD propagation inside the step).
@@ -194,8 +196,8 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
             if not stacked:
                 host[slot.path] = fields
                 continue
-            buf = host.setdefault(slot.path, {f: np.empty(getattr(abstract, f).shape, getattr(abstract, f).dtype)
-                                              for f in _QUANT_FIELDS})
+            buf = host.setdefault(slot.path, {
+                f: np.empty(getattr(abstract, f).shape, getattr(abstract, f).dtype) for f in _QUANT_FIELDS})
             for f in _QUANT_FIELDS:
                 buf[f][slot.layer] = fields[f]
         else:
@@ -219,7 +221,8 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
     if repeated:
         problems.append(f"repeated tensor names ({len(repeated)}): {repeated}")
     if problems:
-        raise ValueError(f"cannot build {config.model_type} model ({num_layers} layers): " + "; ".join(problems))
+        raise ValueError(f"cannot build {config.model_type} model ({num_layers} layers): "
+                         + "; ".join(problems))
 
     def place(name: str, value: np.ndarray) -> jax.Array:
         return jax.device_put(value, _leaf_sharding(mesh, shardings, name, value.shape))

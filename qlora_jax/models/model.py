@@ -166,7 +166,7 @@ class CausalLM(nnx.Module):
         n = config.num_hidden_layers
         adapter_key = rngs.lora()  # drawn first: build_model derives the same key from its seed
 
-        masks = {p: (lora.layer_mask(n, p) if lora is not None else (False,) * n) for p in lora_lib.PROJECTIONS}
+        masks = {p: lora.layer_mask(n, p) if lora is not None else (False,) * n for p in lora_lib.PROJECTIONS}
         if lora is not None:
             lora.targeted_modules(n)  # raises if the targets select nothing
         # Per projection: which layers are adapted (static), e.g. (("q_proj", (True, False)), ...).
@@ -282,8 +282,7 @@ class CausalLM(nnx.Module):
         masks = dict(self.lora_layer_mask)
         for i in range(self.config.num_hidden_layers):
             for p in lora_lib.PROJECTIONS:
-                block = self.layers.self_attn if lora_lib.PROJECTION_BLOCK[p] == "self_attn" else self.layers.mlp
-                linear = getattr(block, p)
+                linear = getattr(getattr(self.layers, lora_lib.PROJECTION_BLOCK[p]), p)
                 adapted = linear.adapted and masks[p][i]
                 yield LinearView(f"model.{lora_lib.module_path(i, p)}", p, i, linear, adapted, linear.scale)
 

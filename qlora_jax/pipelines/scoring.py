@@ -25,10 +25,14 @@ from qlora_jax.yesno import AnswerTokens, answer_positions, yes_no_scores
 log = logging.getLogger(__name__)
 
 
+def prompt_text(tokenizer: Any, prompt: str, system_prompt: str = "") -> str:
+    """A prompt rendered with the chat template up to and including the assistant's generation prompt."""
+    return render_chat(tokenizer, messages(prompt, system_prompt), add_generation_prompt=True)
+
+
 def prompt_ids(tokenizer: Any, prompt: str, system_prompt: str = "") -> list[int]:
-    """Token ids of a prompt up to and including the assistant's generation prompt."""
-    text = render_chat(tokenizer, messages(prompt, system_prompt), add_generation_prompt=True)
-    return encode(tokenizer, text)
+    """Token ids of ``prompt_text`` (the template writes its own special tokens)."""
+    return encode(tokenizer, prompt_text(tokenizer, prompt, system_prompt))
 
 
 def _round_up(n: int, m: int) -> int:

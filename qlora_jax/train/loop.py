@@ -99,7 +99,7 @@ def make_step_fns(
             g_acc, s_acc, n_acc = carry
             mb, k = xs
             (s, n), g = jax.value_and_grad(
-                lambda l: _forward_sums(graphdef, l, rest, mb, k, deterministic=False), has_aux=True
+                lambda adapters: _forward_sums(graphdef, adapters, rest, mb, k, deterministic=False), has_aux=True
             )(lora)
             g_acc = jax.tree.map(jnp.add, g_acc, g)
             return (g_acc, s_acc + s, n_acc + n), None

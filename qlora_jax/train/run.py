@@ -53,7 +53,8 @@ def lora_config_from(cfg: ConfigDict) -> LoraConfig:
 def lora_record(lora: LoraConfig, cfg: ConfigDict) -> dict[str, Any]:
     return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "targets": lora.targets,
             "init": lora.init, "use_rslora": lora.use_rslora, "model_source": str(cfg.model.source),
-            "quantize": cfg.model.quantize}
+            "quantize": cfg.model.quantize, "blocksize": cfg.model.blocksize,
+            "double_quant": cfg.model.double_quant}
 
 
 def sharding_fn(mesh):
@@ -199,7 +200,8 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
     n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora_state))
     n_frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(rest))
     summary = {
-        "model": str(cfg.model.source), "quantize": quantize, "compute_dtype": cfg.model.dtype,
+        "model": str(cfg.model.source), "quantize": quantize, "blocksize": cfg.model.blocksize,
+        "double_quant": cfg.model.double_quant, "compute_dtype": cfg.model.dtype,
         "trainable_params": n_lora, "frozen_state_bytes": int(n_frozen_bytes),
         "mesh": dict(mesh.shape), "devices": jax.device_count(), "processes": jax.process_count(),
         "train_examples": train_stats.kept, "truncated": train_stats.truncated,
