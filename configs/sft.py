@@ -13,6 +13,7 @@ def get_config() -> ConfigDict:
     c = ConfigDict()
     c.workdir = "runs/sft_demo"  # checkpoints, metrics.jsonl, tensorboard/, loss.png, adapters go here
     c.seed = 0  # seeds LoRA init, dropout and data shuffling
+    c.objective = "sft"  # "sft": NLL of the completion tokens | "dpo": preference pairs (see configs/dpo.py)
 
     c.model = ConfigDict()
     c.model.source = "smollm2-135m-instruct"  # built-in name, HF model dir, GGUF file, bnb-4bit dir or hub id

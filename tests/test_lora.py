@@ -123,27 +123,20 @@ def test_linear_dropout_is_unbiased_and_inverted():
 # ---------------------------------------------------------------------------------------------
 # Whole model against PEFT
 
-def test_at_init_output_equals_base():
-    hf_model, hf_cfg = tiny_hf("qwen2")
-    ids = random_ids(2, 16)
-    ref = torch_logits(hf_model, ids)
-    for init in ("peft", "gaussian"):
-        model = build_model(hf_cfg, hf_tensors(hf_model), lora=LoraConfig(r=4, init=init), dtype=jnp.float32)
-        assert max_abs(model(jnp.asarray(ids)), ref) <= PARITY_TOL
+PEFT_CASES = [("llama3-rope", None, False, "peft"), ("qwen2", None, True, "gaussian"),
+              ("qwen3", "nf4", False, "peft")]
 
 
-PEFT_CASES = [("llama3-rope", None, False), ("qwen2", None, True), ("qwen3", "nf4", False)]
-
-
-@pytest.mark.parametrize("family,quant,use_rslora", PEFT_CASES)
-def test_adapted_model_matches_peft(family, quant, use_rslora):
-    """Random nonzero adapters: outputs equal PEFT's, adapters-off equals the base model.
+@pytest.mark.parametrize("family,quant,use_rslora,init", PEFT_CASES)
+def test_adapted_model_matches_peft(family, quant, use_rslora, init):
+    """At init the output is the base model's; with random nonzero adapters it equals PEFT's,
+    and with adapters off it equals the base model again.
 
     With ``quant="nf4"`` the reference base is transformers with every decoder linear replaced by
     its bitsandbytes NF4 round trip, i.e. QLoRA as PEFT + bitsandbytes computes it.
     """
     hf_model, hf_cfg = tiny_hf(family)
-    lora = LoraConfig(r=4, alpha=16.0, targets="all-linear", use_rslora=use_rslora)
+    lora = LoraConfig(r=4, alpha=16.0, targets="all-linear", use_rslora=use_rslora, init=init)
     tensors = dict(hf_tensors(hf_model))
     base = copy.deepcopy(hf_model)
     if quant:  # both sides use bitsandbytes' quant states: ours loads them pre-quantized
@@ -156,15 +149,17 @@ def test_adapted_model_matches_peft(family, quant, use_rslora):
                     state[name].copy_(dequant)
     model = build_model(hf_cfg, list(tensors.items()), quant=QuantConfig() if quant else None, lora=lora,
                         dtype=jnp.float32)
+    ids = random_ids(2, 24)
+    err_init = max_abs(model(jnp.asarray(ids)), torch_logits(base, ids))  # B = 0 at init
     randomize_adapters(model)
     reference = peft_model_like(base, lora, ours=model)
-    ids = random_ids(2, 24)
     err = max_abs(model(jnp.asarray(ids)), torch_logits(reference, ids))
     err_off = max_abs(model(jnp.asarray(ids), lora_enabled=False), torch_logits(base, ids))
     with reference.disable_adapter():
         err_peft_off = max_abs(model(jnp.asarray(ids), lora_enabled=False), torch_logits(reference, ids))
-    print(f"{family} quant={quant} rslora={use_rslora}: adapted {err:.2e}, adapters off {err_off:.2e}")
-    assert max(err, err_off, err_peft_off) <= PARITY_TOL
+    print(f"{family} quant={quant} rslora={use_rslora}: init {err_init:.2e}, adapted {err:.2e}, "
+          f"adapters off {err_off:.2e}")
+    assert max(err_init, err, err_off, err_peft_off) <= PARITY_TOL
     assert max_abs(model(jnp.asarray(ids)), model(jnp.asarray(ids), lora_enabled=False)) > 100 * PARITY_TOL
 
 

@@ -81,7 +81,7 @@ def test_answer_tokens_from_tokenizer(tiny_model_dir):  # noqa: F811
     ids_prompt = prompt_ids(tok, PROMPTS[0])
     for label, want in ((True, answers.yes_id), (False, answers.no_id)):
         row = chat_row("x", PROMPTS[0], answers.text(label))
-        ids, mask = encode_conversation(tok, Conversation(tuple(row["messages"]), (2,)))
+        ids, mask = encode_conversation(tok, Conversation(tuple(row["messages"]), (len(row["messages"]) - 1,)))
         assert ids[: len(ids_prompt)] == ids_prompt
         assert ids[len(ids_prompt)] == want
         assert mask[: len(ids_prompt)].sum() == 0 and mask[len(ids_prompt)] == 1

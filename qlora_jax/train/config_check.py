@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
+from qlora_jax.dpo import LOSS_TYPES
+
 CHOICES = {
+    "objective": ("sft", "dpo"),
+    "dpo.loss_type": LOSS_TYPES,
+    "dpo.reference": ("auto", "base", "init"),
     "model.quantize": ("nf4", "fp4", "none"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
@@ -17,10 +22,11 @@ CHOICES = {
     "data.format": ("auto", "alpaca", "chat", "prompt_completion"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
-POSITIVE = ("lora.r", "train.batch_size", "train.grad_accum", "data.max_length", "train.checkpoint_every",
+POSITIVE = ("dpo.beta", "lora.r", "train.batch_size", "train.grad_accum", "data.max_length", "train.checkpoint_every",
             "train.keep_checkpoints", "train.log_every", "model.blocksize")
 FRACTIONS = ("lora.dropout", "optim.warmup_ratio")
-NON_NEGATIVE = ("optim.lr", "optim.weight_decay", "optim.max_grad_norm", "lora.init_std", "train.epochs")
+NON_NEGATIVE = ("optim.lr", "optim.weight_decay", "optim.max_grad_norm", "lora.init_std", "train.epochs",
+                "train.early_stopping_patience")
 
 
 class ConfigError(ValueError):
@@ -59,5 +65,38 @@ def validate_config(cfg: ConfigDict) -> None:
         errors.append("config.train.max_steps <= 0 needs config.train.epochs > 0")
     if _get(cfg, "data.train") in (None, ""):
         errors.append("config.data.train: a training file or dataset name is required")
+    errors += _objective_errors(cfg)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _objective_errors(cfg: ConfigDict) -> list[str]:
+    """Settings that only make sense for one objective, and DPO's own ranges."""
+    errors = []
+    objective = _get(cfg, "objective") or "sft"
+    patience = _get(cfg, "train.early_stopping_patience") or 0
+    if objective != "dpo":
+        if patience:
+            errors.append("config.train.early_stopping_patience: early stopping (on held-out reward accuracy) "
+                          "is implemented for objective='dpo' only")
+        return errors
+    if _get(cfg, "dpo.beta") is None:
+        errors.append("config.objective='dpo' needs a config.dpo section (beta, loss_type, label_smoothing, reference)")
+        return errors
+    loss_type, eps = _get(cfg, "dpo.loss_type"), _get(cfg, "dpo.label_smoothing") or 0.0
+    if not 0 <= eps < 0.5:
+        errors.append(f"config.dpo.label_smoothing={eps!r}: must be in [0, 0.5)")
+    elif eps and loss_type != "robust":
+        errors.append(f"config.dpo.label_smoothing={eps!r} has no effect with loss_type={loss_type!r} "
+                      "(trl 1.16 uses it for 'robust' only); use loss_type='robust' or set it to 0")
+    if _get(cfg, "dpo.reference") == "init" and not _get(cfg, "model.init_from"):
+        errors.append("config.dpo.reference='init' needs config.model.init_from (the adapters to freeze)")
+    if _get(cfg, "data.pack"):
+        errors.append("config.data.pack: packing is not supported with objective='dpo' (one sequence per row)")
+    if (_get(cfg, "data.format") or "auto") != "auto":
+        errors.append("config.data.format: must be 'auto' with objective='dpo' (pairs are read from "
+                      "prompt/chosen/rejected or chosen/rejected columns)")
+    if patience and not (_get(cfg, "train.eval_every") and _get(cfg, "data.eval")):
+        errors.append("config.train.early_stopping_patience > 0 needs config.train.eval_every > 0 and "
+                      "config.data.eval")
+    return errors

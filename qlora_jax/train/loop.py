@@ -7,6 +7,13 @@ frozen state is an argument of the step, never copied or differentiated.
 A step takes ``[grad_accum, micro_batch, length]`` arrays and scans over the micro-batches,
 summing gradients of the *summed* token NLL and dividing once by the total number of loss
 tokens, so the update equals the big-batch gradient of the mean token loss.
+
+The objective is a small object (``SFT`` by default; DPO's lives in ``train/preference.py``): per
+micro-batch it gives a summed loss and float32 scalar sums (``stat_keys``), one of which
+(``weight_key``: loss tokens for SFT, pairs for DPO) divides the summed loss and gradient. An
+objective may need a reference, computed outside the differentiated function under
+``stop_gradient``; if it keeps frozen adapters for it (``frozen_adapters``), the train step takes
+them as a sixth argument.
 """
 
 from __future__ import annotations
@@ -64,16 +71,38 @@ def _forward_sums(graphdef, lora_state, rest, batch, key, *, deterministic: bool
     return masked_nll_sum(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"])
 
 
+class SFTObjective:
+    """Token-weighted NLL of the completion tokens: (sum of NLL, {"tokens": loss tokens})."""
+
+    stat_keys = ("tokens",)
+    weight_key = "tokens"
+    frozen_adapters = False
+
+    def reference(self, graphdef, lora, rest, batch, ref_lora):
+        return None
+
+    def loss_sums(self, graphdef, lora, rest, batch, key, reference):
+        s, n = _forward_sums(graphdef, lora, rest, batch, key, deterministic=False)
+        return s, {"tokens": n}
+
+
+SFT = SFTObjective()
+
+
 def make_step_fns(
     model: nnx.Module,
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
     *,
     offload_optimizer: bool = False,
+    objective: Any = SFT,
 ) -> tuple[StepFns, Any, Any, Any]:
     """Build the jit'd train/eval steps with explicit shardings.
 
-    Returns (fns, lora_state, frozen_state, opt_state), each placed on the mesh.
+    Returns (fns, lora_state, frozen_state, opt_state), each placed on the mesh. The train step is
+    ``train_step(lora, opt_state, rest, batches, key)`` (plus ``ref_lora`` when
+    ``objective.frozen_adapters``) -> (lora, opt_state, metrics); metrics are ``loss`` (summed loss
+    / summed weight), ``grad_norm``, ``finite`` and the objective's summed statistics.
     """
     graphdef, lora_state, rest = split_model(model)
     lora_sh = shard_lib.shardings_for_state(mesh, lora_state)
@@ -91,21 +120,24 @@ def make_step_fns(
     batch_sh = shard_lib.batch_sharding(mesh, 3, leading_unsharded=1)
     eval_batch_sh = shard_lib.batch_sharding(mesh, 2)
 
-    def train_step(lora, opt_state, rest, batches, key):
+    def train_step(lora, opt_state, rest, batches, key, ref_lora=None):
         n_micro = batches["input_ids"].shape[0]
         keys = jax.random.split(key, n_micro)
 
         def micro(carry, xs):
-            g_acc, s_acc, n_acc = carry
+            g_acc, s_acc, stats_acc = carry
             mb, k = xs
-            (s, n), g = jax.value_and_grad(
-                lambda adapters: _forward_sums(graphdef, adapters, rest, mb, k, deterministic=False), has_aux=True
+            reference = objective.reference(graphdef, lora, rest, mb, ref_lora)
+            (s, stats), g = jax.value_and_grad(
+                lambda adapters: objective.loss_sums(graphdef, adapters, rest, mb, k, reference), has_aux=True
             )(lora)
             g_acc = jax.tree.map(jnp.add, g_acc, g)
-            return (g_acc, s_acc + s, n_acc + n), None
+            return (g_acc, s_acc + s, {name: stats_acc[name] + stats[name] for name in stats_acc}), None
 
         zeros = jax.tree.map(jnp.zeros_like, lora)
-        (g_sum, s_sum, n_sum), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), (batches, keys))
+        stats0 = {name: jnp.float32(0) for name in objective.stat_keys}
+        (g_sum, s_sum, stats), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), stats0), (batches, keys))
+        n_sum = stats[objective.weight_key]
         denom = jnp.maximum(n_sum, 1.0)
         grads = jax.tree.map(lambda g: g / denom, g_sum)
         loss = s_sum / denom
@@ -120,12 +152,20 @@ def make_step_fns(
         new_opt = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_opt, opt_state)
         if offload_optimizer:
             new_opt = jax.device_put(new_opt, opt_sh_host)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": n_sum, "finite": finite}
+        metrics = {"loss": loss, "grad_norm": grad_norm, **stats, "finite": finite}
         return new_lora, new_opt, metrics
 
+    in_shardings = (lora_sh, opt_sh_host, rest_sh, batch_sh, repl)
+    if objective.frozen_adapters:
+        in_shardings += (lora_sh,)
+        step_fn = train_step
+    else:
+        def step_fn(lora, opt_state, rest, batches, key):
+            return train_step(lora, opt_state, rest, batches, key)
+
     train_jit = jax.jit(
-        train_step,
-        in_shardings=(lora_sh, opt_sh_host, rest_sh, batch_sh, repl),
+        step_fn,
+        in_shardings=in_shardings,
         out_shardings=(lora_sh, opt_sh_host, repl),
         donate_argnums=(0, 1),
     )
@@ -202,6 +242,6 @@ class GracefulExit:
 
 
 __all__ = [
-    "GracefulExit", "NonFiniteLoss", "StepFns", "make_step_fns", "process_local_batch", "split_model",
+    "SFT", "GracefulExit", "NonFiniteLoss", "SFTObjective", "StepFns", "make_step_fns", "process_local_batch", "split_model",
     "stack_microbatches",
 ]

@@ -59,7 +59,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss(workdir: str | Path, out_name: str = "loss.png") -> Path | None:
+def plot_loss(workdir: str | Path, out_name: str = "loss.png", ylabel: str | None = None) -> Path | None:
     """Train loss per step, and eval loss where measured, from metrics.jsonl."""
     workdir = Path(workdir)
     rows = read_metrics(workdir / "metrics.jsonl")
@@ -78,7 +78,7 @@ def plot_loss(workdir: str | Path, out_name: str = "loss.png") -> Path | None:
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("NLL per completion token")
+    ax.set_ylabel(ylabel or "NLL per completion token")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

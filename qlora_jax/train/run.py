@@ -1,7 +1,9 @@
-"""One SFT run from a config: load, tokenize, train with resume, evaluate, export.
+"""One training run from a config: load, tokenize, train with resume, evaluate, export.
 
 ``run(config)`` is what ``python -m qlora_jax.train --config configs/sft.py`` calls. It resumes
-automatically from the newest checkpoint in ``config.workdir``.
+automatically from the newest checkpoint in ``config.workdir``. ``config.objective`` picks the
+objective: "sft" (token NLL on completions) or "dpo" (preference pairs, ``train/preference.py``);
+both share the step, optimizer, checkpoints, metrics and export.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from qlora_jax.checkpoints.load import load_model
 from qlora_jax.lora import ALL_LINEAR, LoraConfig
 from qlora_jax.train import checkpoint as ckpt_lib
 from qlora_jax.train import loop
+from qlora_jax.train import preference as pref_lib
 from qlora_jax.train import sharding as shard_lib
 from qlora_jax.train.config_check import ConfigError, validate_config
 from qlora_jax.train.metrics import MetricsWriter, plot_loss, read_metrics
@@ -146,20 +149,27 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # ---- data ---------------------------------------------------------------------------------
-    fmt = None if cfg.data.format == "auto" else cfg.data.format
-    overflow = "drop" if cfg.data.drop_long else "truncate"
-    train_ex, train_stats = data_lib.prepare_sft(
-        cfg.data.train, tokenizer, max_length=cfg.data.max_length, format=fmt,
-        train_on_prompt=cfg.data.train_on_prompt, overflow=overflow)
-    eval_ex: list = []
-    if cfg.data.eval:
-        eval_ex, _ = data_lib.prepare_sft(cfg.data.eval, tokenizer, max_length=cfg.data.max_length,
-                                          format=fmt, overflow=overflow)
-        eval_ex = eval_ex[: cfg.data.max_eval_examples]
-    it = data_lib.BatchIterator(
-        train_ex, batch_size=cfg.train.batch_size, seq_len=cfg.data.max_length, pack=cfg.data.pack,
-        group_by_length=cfg.data.group_by_length, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
-        pad_id=pad_id, seed=cfg.seed)
+    dpo = cfg.get("objective", "sft") == "dpo"
+    if dpo:  # pairs; batch_size counts pairs (2 rows each)
+        train_ex, eval_ex, it, pair_stats = pref_lib.prepare_data(cfg, tokenizer, pad_id)
+        data_counts = pref_lib.data_summary(pair_stats)
+    else:
+        fmt = None if cfg.data.format == "auto" else cfg.data.format
+        overflow = "drop" if cfg.data.drop_long else "truncate"
+        train_ex, train_stats = data_lib.prepare_sft(
+            cfg.data.train, tokenizer, max_length=cfg.data.max_length, format=fmt,
+            train_on_prompt=cfg.data.train_on_prompt, overflow=overflow)
+        eval_ex = []
+        if cfg.data.eval:
+            eval_ex, _ = data_lib.prepare_sft(cfg.data.eval, tokenizer, max_length=cfg.data.max_length,
+                                              format=fmt, overflow=overflow)
+            eval_ex = eval_ex[: cfg.data.max_eval_examples]
+        it = data_lib.BatchIterator(
+            train_ex, batch_size=cfg.train.batch_size, seq_len=cfg.data.max_length, pack=cfg.data.pack,
+            group_by_length=cfg.data.group_by_length, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+            pad_id=pad_id, seed=cfg.seed)
+        data_counts = {"train_examples": train_stats.kept, "truncated": train_stats.truncated,
+                       "dropped": train_stats.dropped_too_long + train_stats.dropped_no_completion}
     accum = cfg.train.grad_accum
     if cfg.train.max_steps > 0:
         total_steps = cfg.train.max_steps
@@ -171,7 +181,13 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
         lr=cfg.optim.lr, total_steps=total_steps, warmup_ratio=cfg.optim.warmup_ratio,
         schedule=cfg.optim.schedule, weight_decay=cfg.optim.weight_decay,
         max_grad_norm=cfg.optim.max_grad_norm, b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps)
-    fns, lora_state, rest, opt_state = loop.make_step_fns(model, tx, mesh, offload_optimizer=cfg.optim.offload)
+    objective = loop.SFT
+    if dpo:
+        objective = pref_lib.DPOObjective(
+            beta=float(cfg.dpo.beta), loss_type=cfg.dpo.loss_type, label_smoothing=float(cfg.dpo.label_smoothing),
+            frozen_adapters=cfg.dpo.reference == "init" or (cfg.dpo.reference == "auto" and bool(cfg.model.init_from)))
+    fns, lora_state, rest, opt_state = loop.make_step_fns(model, tx, mesh, offload_optimizer=cfg.optim.offload,
+                                                          objective=objective)
     eval_fn = _eval_fn(fns.graphdef, mesh)
     del model
     ckpts = ckpt_lib.RunCheckpoints(workdir, keep=cfg.train.keep_checkpoints)
@@ -181,21 +197,32 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
     # are fold_in(key, step), so a resumed run draws the same dropout masks.
     repl = shard_lib.replicated(mesh)
     base_key = np.asarray(jax.random.key_data(jax.random.key(cfg.seed)))
+    # DPO with a frozen-adapter reference: a copy of the starting adapters, saved with the train state.
+    ref_lora = None
+    stopper = pref_lib.EarlyStopping(patience=int(cfg.train.get("early_stopping_patience", 0)))
     latest = ckpts.latest_step()
     if latest is not None:
         meta = ckpts.read_meta(latest)
         ckpt_lib.check_lora_record(meta.get("lora", {}), record, f"{ckpts.directory / str(latest)}")
         abstract_train = {"opt_state": ckpt_lib.abstract_like(opt_state),
                           "rng": jax.ShapeDtypeStruct(base_key.shape, base_key.dtype, sharding=repl)}
+        if objective.frozen_adapters:
+            abstract_train["ref_lora"] = ckpt_lib.abstract_like(lora_state)
         lora_state, train_state, meta = ckpts.restore(latest, ckpt_lib.abstract_like(lora_state), abstract_train)
         opt_state, base_key = train_state["opt_state"], np.asarray(train_state["rng"])
+        ref_lora = train_state.get("ref_lora")
         it.restore(meta["data"])
         start = int(meta["step"])
+        stopper = pref_lib.EarlyStopping.from_state(meta.get("early_stopping"), stopper.patience)
         _truncate_metrics(workdir / "metrics.jsonl", start)
         log.info("resumed from %s at step %d", ckpts.directory / str(latest), start)
     elif cfg.model.init_from:
         lora_state, where = ckpt_lib.init_adapters_from(cfg.model.init_from, ckpt_lib.abstract_like(lora_state), record)
         log.info("adapters initialised from %s", where)
+    if objective.frozen_adapters and ref_lora is None:
+        ref_lora = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=fns.lora_shardings)(lora_state)
+        log.info("DPO reference: the starting adapters, frozen")
+    step_extra = (ref_lora,) if objective.frozen_adapters else ()
 
     n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora_state))
     n_frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(rest))
@@ -204,20 +231,46 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
         "double_quant": cfg.model.double_quant, "compute_dtype": cfg.model.dtype,
         "trainable_params": n_lora, "frozen_state_bytes": int(n_frozen_bytes),
         "mesh": dict(mesh.shape), "devices": jax.device_count(), "processes": jax.process_count(),
-        "train_examples": train_stats.kept, "truncated": train_stats.truncated,
-        "dropped": train_stats.dropped_too_long + train_stats.dropped_no_completion,
-        "eval_examples": len(eval_ex), "micro_batches_per_epoch": it.steps_per_epoch,
+        **data_counts, "eval_examples": len(eval_ex), "micro_batches_per_epoch": it.steps_per_epoch,
         "grad_accum": accum, "total_steps": total_steps,
         "warmup_steps": warmup_steps(total_steps, cfg.optim.warmup_ratio),
     }
+    if dpo:
+        summary.update(objective="dpo", dpo={"beta": objective.beta, "loss_type": objective.loss_type,
+                                             "label_smoothing": objective.label_smoothing},
+                       reference="frozen starting adapters" if objective.frozen_adapters else "adapters off")
     log.info("run: %s", json.dumps(summary))
     metrics = MetricsWriter(workdir)
     eval_kw = dict(batch_size=cfg.train.batch_size, seq_len=cfg.data.max_length, pad_id=pad_id)
+    if dpo:
+        pref_eval = pref_lib.PreferenceEvaluator(fns.graphdef, mesh, eval_ex, objective, **eval_kw)
+
+        def run_eval(adapters):
+            return pref_eval(adapters, rest, ref_lora)
+
+        eval_row = pref_lib.eval_row
+    else:
+        def run_eval(adapters):
+            return evaluate(eval_fn, adapters, rest, eval_ex, **eval_kw)
+
+        def eval_row(ev):
+            return {"eval_loss": ev["loss"], "eval_exact_match": ev["exact_match"]}
+
+    def keep_if_best(ev, at_step):  # DPO: the adapters of the best held-out reward accuracy
+        if dpo and stopper.update(at_step, ev["reward_accuracy"]):
+            _save_adapter(fns, lora_state, rest, workdir / "best_adapter", cfg, {"step": at_step, **ev})
+            log.info("step %d: new best held-out reward accuracy %.1f%% -> %s", at_step,
+                     100 * ev["reward_accuracy"], workdir / "best_adapter")
+
     before = {}
     if start == 0 and eval_ex:
-        before = evaluate(eval_fn, lora_state, rest, eval_ex, **eval_kw)
-        log.info("eval before training: loss %.4f, exact match %.1f%%", before["loss"], 100 * before["exact_match"])
-        metrics.write(0, {"eval_loss": before["loss"], "eval_exact_match": before["exact_match"]})
+        before = run_eval(lora_state)
+        if dpo:
+            log.info("eval before training: loss %.4f, reward accuracy %.1f%%, log-prob accuracy %.1f%%",
+                     before["loss"], 100 * before["reward_accuracy"], 100 * before["logp_accuracy"])
+        else:
+            log.info("eval before training: loss %.4f, exact match %.1f%%", before["loss"], 100 * before["exact_match"])
+        metrics.write(0, eval_row(before))
         (workdir / "eval_before.json").write_text(json.dumps(before))
     elif (workdir / "eval_before.json").exists():
         before = json.loads((workdir / "eval_before.json").read_text())
@@ -230,13 +283,13 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
     failure = None
     try:
         with loop.GracefulExit() as stop:
-            while step < total_steps:
+            while step < total_steps and not stopper.stopped:
                 micro = [next(it) for _ in range(accum)]
                 batch = loop.stack_microbatches(micro, pad_id)
                 tokens_in_batch = float((batch["segment_ids"] > 0).sum())
                 batch = loop.process_local_batch(batch, fns.batch_sharding)
                 key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(base_key), step)))
-                lora_state, opt_state, m = fns.train_step(lora_state, opt_state, rest, batch, key)
+                lora_state, opt_state, m = fns.train_step(lora_state, opt_state, rest, batch, key, *step_extra)
                 m = jax.device_get(m)
                 if not bool(m["finite"]):
                     failure = step + 1
@@ -250,18 +303,31 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
                 row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                        "lr": float(schedule(step - 1)), "loss_tokens": float(m["tokens"]),
                        "tokens_per_s": tokens_in_batch / max(now - t_prev, 1e-9)}
+                if dpo:
+                    row.update(pref_lib.step_metrics(m))
                 t_prev = now
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     metrics.write(step, row)
                 if step == _FAULT_KILL_AT_STEP:  # fault injection for the resume test: die like a preempted VM
                     os.kill(os.getpid(), signal.SIGKILL)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and eval_ex and step < total_steps:
-                    ev = evaluate(eval_fn, lora_state, rest, eval_ex, **eval_kw)
-                    metrics.write(step, {"eval_loss": ev["loss"], "eval_exact_match": ev["exact_match"]})
-                if step % cfg.train.checkpoint_every == 0 or step == total_steps or stop.requested:
+                    ev = run_eval(lora_state)
+                    metrics.write(step, eval_row(ev))
+                    keep_if_best(ev, step)
+                    if stopper.stopped:
+                        log.info("early stopping at step %d: no better held-out reward accuracy in %d evaluations "
+                                 "(best %.1f%% at step %d)", step, stopper.patience, 100 * stopper.best,
+                                 stopper.best_step)
+                if (step % cfg.train.checkpoint_every == 0 or step == total_steps or stop.requested
+                        or stopper.stopped):
                     rng = jax.make_array_from_process_local_data(repl, base_key)
-                    ckpts.save(step, lora_state, {"opt_state": opt_state, "rng": rng},
-                               {"step": step, "data": it.state(), "lora": record})
+                    train_state = {"opt_state": opt_state, "rng": rng}
+                    meta = {"step": step, "data": it.state(), "lora": record}
+                    if objective.frozen_adapters:
+                        train_state["ref_lora"] = ref_lora
+                    if dpo:
+                        meta["early_stopping"] = stopper.state()
+                    ckpts.save(step, lora_state, train_state, meta)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                     bar.update(1)
@@ -278,21 +344,26 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
     # ---- after -----------------------------------------------------------------------------------
     result: dict[str, Any] = {**summary, "final_step": step, "train_seconds": round(train_seconds, 1),
                               "failure_step": failure}
+    finished = step >= total_steps or stopper.stopped
+    if stopper.stopped:
+        result["early_stopped_at"] = step
     rows = read_metrics(workdir / "metrics.jsonl")
     tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][2:]  # skip compile steps
     result["tokens_per_s_median"] = float(np.median(tps)) if tps else None
-    if step >= total_steps and eval_ex:
-        after = evaluate(eval_fn, lora_state, rest, eval_ex, **eval_kw)
+    if finished and eval_ex:
+        after = run_eval(lora_state)
         metrics = MetricsWriter(workdir, tensorboard=False)
-        metrics.write(step, {"eval_loss": after["loss"], "eval_exact_match": after["exact_match"]})
+        metrics.write(step, eval_row(after))
         result["eval_before"], result["eval_after"] = before, after
-    if step >= total_steps and cfg.train.export_peft:
-        from qlora_jax.checkpoints.peft_io import save_peft_adapter
-
-        merged = nnx.merge(fns.graphdef, lora_state, rest)
-        save_peft_adapter(merged, workdir / "adapter", base_model=str(cfg.model.source))
+        if dpo and cfg.train.eval_every and not stopper.stopped:
+            keep_if_best(after, step)
+    if dpo and stopper.best_step >= 0:
+        result["best"] = {"step": stopper.best_step, "eval_reward_accuracy": stopper.best,
+                          "adapter_dir": str(workdir / "best_adapter")}
+    if finished and cfg.train.export_peft:
+        _save_adapter(fns, lora_state, rest, workdir / "adapter", cfg)
         result["adapter_dir"] = str(workdir / "adapter")
-    plot = plot_loss(workdir)
+    plot = plot_loss(workdir, ylabel="DPO loss per pair" if dpo else None)
     result["loss_plot"] = str(plot) if plot else None
     result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     if jax.process_index() == 0:
@@ -300,6 +371,15 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
     ckpts.close()
     _print_end(result)
     return result
+
+
+def _save_adapter(fns, lora_state, rest, out: Path, cfg: ConfigDict, eval_metrics: dict | None = None) -> None:
+    from qlora_jax.checkpoints.peft_io import save_peft_adapter
+
+    merged = nnx.merge(fns.graphdef, lora_state, rest)
+    save_peft_adapter(merged, out, base_model=str(cfg.model.source))
+    if eval_metrics is not None and jax.process_index() == 0:
+        (out / "eval_metrics.json").write_text(json.dumps(eval_metrics, indent=2))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -315,13 +395,26 @@ def _print_end(r: dict[str, Any]) -> None:
         return
     lines = [f"done: {r['final_step']}/{r['total_steps']} steps in {r['train_seconds']} s "
              f"(median {r['tokens_per_s_median'] or float('nan'):.0f} tokens/s)"]
-    if "eval_after" in r and r.get("eval_before"):
+    if r.get("early_stopped_at"):
+        lines.append(f"early stopped  at step {r['early_stopped_at']} (no better held-out reward accuracy)")
+    if "eval_after" in r and r.get("eval_before") and "reward_accuracy" in r["eval_after"]:
+        b, a = r["eval_before"], r["eval_after"]
+        lines.append(f"DPO eval loss  {b['loss']:.4f} -> {a['loss']:.4f}")
+        lines.append(f"reward acc.    {100 * b['reward_accuracy']:.1f}% -> {100 * a['reward_accuracy']:.1f}% "
+                     f"of {a['examples']} held-out pairs (beta*logratio chosen > rejected)")
+        lines.append(f"log-prob acc.  {100 * b['logp_accuracy']:.1f}% -> {100 * a['logp_accuracy']:.1f}% "
+                     "(policy log p(chosen) > log p(rejected))")
+        lines.append(f"reward margin  {b['reward_margin']:.3f} -> {a['reward_margin']:.3f}")
+    elif "eval_after" in r and r.get("eval_before"):
         b, a = r["eval_before"], r["eval_after"]
         lines.append(f"eval loss      {b['loss']:.4f} -> {a['loss']:.4f}")
         lines.append(f"exact match    {100 * b['exact_match']:.1f}% -> {100 * a['exact_match']:.1f}% "
                      f"of {a['examples']} held-out examples (greedy answer == reference)")
     if r.get("adapter_dir"):
         lines.append(f"PEFT adapter   {r['adapter_dir']}")
+    if r.get("best"):
+        lines.append(f"best adapter   {r['best']['adapter_dir']} (step {r['best']['step']}, reward accuracy "
+                     f"{100 * r['best']['eval_reward_accuracy']:.1f}%)")
     if r.get("loss_plot"):
         lines.append(f"loss curve     {r['loss_plot']}")
     print("\n".join(lines), flush=True)
