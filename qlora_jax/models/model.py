@@ -22,7 +22,9 @@ quantized) or float32 [L, out, in/blocksize], ``nested_absmax`` float32 [L, n_ne
 per-layer ``(out, in)``.
 
 The decoder layers are stacked and run with ``jax.lax.scan``, so compile time does not grow with
-depth; ``config.remat_policy`` wraps each layer step in ``jax.checkpoint``.
+depth; ``config.remat_policy`` wraps each layer step in ``jax.checkpoint``. Incremental decoding
+(:meth:`CausalLM.decode`) runs the same scan with an explicit stacked KV cache in its carry
+(``models.kv_cache``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax import lora as lora_lib
-from qlora_jax.models import layers
+from qlora_jax.models import kv_cache, layers
 from qlora_jax.models.config import ModelConfig, QuantConfig
 
 _REMAT_POLICIES = {
@@ -71,7 +73,14 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, *, cos, sin, mask, lora_kw: dict[str, dict]) -> jax.Array:
+    def __call__(self, x, *, cos, sin, mask, lora_kw: dict[str, dict], kv: tuple | None = None):
+        """``x [b, s, hidden] -> [b, s, hidden]``.
+
+        ``kv = (k_all, v_all, layer, index)``: a stacked KV cache (see ``models.kv_cache``); the new
+        keys and values are written at slots ``index..`` of ``layer``, the queries attend over that
+        layer's whole slab (``mask`` is then ``[b, 1, s, max_len]``), and the call returns
+        ``(out, (k_all, v_all))``.
+        """
         b, s, _ = x.shape
         c = self.config
         q = self.q_proj(x, **lora_kw["q_proj"]).reshape(b, s, c.num_attention_heads, c.head_dim)
@@ -80,8 +89,11 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        if kv is not None:
+            k_all, v_all, k, v = kv_cache.write_layer(*kv, k, v)
         out = layers.attention(q, k, v, mask, impl=c.attention_impl)  # [b, s, heads, head_dim]
-        return self.o_proj(out.reshape(b, s, c.q_size), **lora_kw["o_proj"])
+        out = self.o_proj(out.reshape(b, s, c.q_size), **lora_kw["o_proj"])
+        return out if kv is None else (out, (k_all, v_all))
 
 
 class MLP(nnx.Module):
@@ -113,9 +125,14 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = layers.RMSNorm(config.hidden_size, eps=eps, param_dtype=param_dtype)
         self.mlp = MLP(config, layer_lora, quant, dtype, param_dtype, rngs)
 
-    def __call__(self, h, *, cos, sin, mask, lora_kw: dict[str, dict]) -> jax.Array:
-        h = h + self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, mask=mask, lora_kw=lora_kw)
-        return h + self.mlp(self.post_attention_layernorm(h), lora_kw=lora_kw)
+    def __call__(self, h, *, cos, sin, mask, lora_kw: dict[str, dict], kv: tuple | None = None):
+        """``h -> h``; with a KV cache ``kv`` (see :class:`Attention`) ``-> (h, (k_all, v_all))``."""
+        attn = self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, mask=mask, lora_kw=lora_kw, kv=kv)
+        if kv is not None:
+            attn, kv = attn
+        h = h + attn
+        h = h + self.mlp(self.post_attention_layernorm(h), lora_kw=lora_kw)
+        return h if kv is None else (h, kv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,17 +252,46 @@ class CausalLM(nnx.Module):
         return _forward_jit(graphdef, state, input_ids, positions, segment_ids, dropout_key,
                             use_lora=use_lora, output=output)
 
-    def _run(self, input_ids, positions, segment_ids, dropout_key, use_lora: bool) -> jax.Array:
-        """Embeddings -> scanned decoder layers -> final norm: ``[batch, seq, hidden]``."""
+    def init_cache(self, batch: int, max_len: int, *, start: jax.Array | None = None) -> kv_cache.KVCache:
+        """An empty :class:`~qlora_jax.models.kv_cache.KVCache` in the compute dtype.
+
+        ``start [batch]``: number of left-padding slots of each row (default none).
+        """
+        return kv_cache.KVCache.create(self.config, batch, max_len, dtype=self.dtype, start=start)
+
+    def decode(self, input_ids: jax.Array, cache: kv_cache.KVCache, *,
+               lora_enabled: bool = True) -> tuple[jax.Array, kv_cache.KVCache]:
+        """Run ``input_ids [batch, t]`` at the cache's next ``t`` slots -> ``(hidden, cache)``.
+
+        Prefill is a call with the (left-padded) prompts on an empty cache, each decode step a
+        call with ``t = 1``. Returns the final hidden states ``[batch, t, hidden]`` (feed the
+        ones needed to :meth:`logits_from_hidden`) and the cache with the new keys/values
+        written and ``index`` advanced by ``t``. The cache must have room: ``index + t <=
+        max_len`` (slots past the end are not checked under ``jit``). Pure and traceable: it is
+        meant to be called inside a jitted prefill / decode loop (``qlora_jax.generate``).
+        """
+        use_lora = bool(lora_enabled) and self.lora_config is not None
+        h, cache = self._run(input_ids, None, None, None, use_lora, cache=cache)
+        return h, cache
+
+    def _run(self, input_ids, positions, segment_ids, dropout_key, use_lora: bool, cache=None):
+        """Embeddings -> scanned decoder layers -> final norm: ``[batch, seq, hidden]``.
+
+        With a ``cache`` (positions and mask then come from it): ``(hidden, updated cache)``.
+        """
         c = self.config
         batch, seq = input_ids.shape
-        if positions is None:
-            if segment_ids is not None:
-                positions = layers.positions_from_segments(segment_ids)
-            else:
-                positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        if cache is not None:
+            positions = cache.positions(seq)
+            mask = cache.attention_mask(seq)
+        else:
+            if positions is None:
+                if segment_ids is not None:
+                    positions = layers.positions_from_segments(segment_ids)
+                else:
+                    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+            mask = layers.attention_mask(segment_ids, seq)
         cos, sin = layers.rope_cos_sin(positions, layers.rope_inv_freq(c), self.dtype)
-        mask = layers.attention_mask(segment_ids, seq)
 
         xs: dict[str, Any] = {}  # per-layer inputs scanned alongside the layer weights
         if dropout_key is not None:
@@ -254,10 +300,12 @@ class CausalLM(nnx.Module):
             partial = {p: m for p, m in self.lora_layer_mask if any(m) and not all(m)}
             if partial:
                 xs["gates"] = {p: jnp.asarray(m, self.dtype) for p, m in partial.items()}
+        if cache is not None:
+            xs["layer"] = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
 
         graphdef, layer_state = nnx.split(self.layers)
 
-        def step(h, xs_i):
+        def step(carry, xs_i):
             layer_state_i, extra = xs_i
             layer = nnx.merge(graphdef, layer_state_i)
             lora_kw = {}
@@ -268,13 +316,21 @@ class CausalLM(nnx.Module):
                 if p in extra.get("gates", {}):
                     kw["lora_gate"] = extra["gates"][p]
                 lora_kw[p] = kw
-            return layer(h, cos=cos, sin=sin, mask=mask, lora_kw=lora_kw), None
+            if cache is None:
+                return layer(carry, cos=cos, sin=sin, mask=mask, lora_kw=lora_kw), None
+            h, (k_all, v_all) = carry
+            kv = (k_all, v_all, extra["layer"], cache.index)
+            return layer(h, cos=cos, sin=sin, mask=mask, lora_kw=lora_kw, kv=kv), None
 
-        if c.remat_policy != "none":
+        if c.remat_policy != "none" and cache is None:
             step = jax.checkpoint(step, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
         h = self.embed_tokens(input_ids)
-        h, _ = jax.lax.scan(step, h, (layer_state, xs))
-        return self.norm(h)
+        if cache is None:
+            h, _ = jax.lax.scan(step, h, (layer_state, xs))
+            return self.norm(h)
+        (h, (k_all, v_all)), _ = jax.lax.scan(step, (h, (cache.k, cache.v)), (layer_state, xs))
+        cache = dataclasses.replace(cache, k=k_all, v=v_all, index=cache.index + seq)
+        return self.norm(h), cache
 
     # ----------------------------------------------------------------------------------------
     def iter_linears(self) -> Iterator[LinearView]:
