@@ -96,6 +96,7 @@ def make_step_fns(
     *,
     offload_optimizer: bool = False,
     objective: Any = SFT,
+    abstract: bool = False,
 ) -> tuple[StepFns, Any, Any, Any]:
     """Build the jit'd train/eval steps with explicit shardings.
 
@@ -107,15 +108,22 @@ def make_step_fns(
     graphdef, lora_state, rest = split_model(model)
     lora_sh = shard_lib.shardings_for_state(mesh, lora_state)
     rest_sh = shard_lib.shardings_for_state(mesh, rest)
-    lora_state = jax.device_put(lora_state, lora_sh)
-    rest = jax.device_put(rest, rest_sh)
     opt_abstract = jax.eval_shape(tx.init, lora_state)
     opt_sh = shard_lib.shardings_for_state(mesh, opt_abstract)
     if offload_optimizer:
         opt_sh_host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_sh)
     else:
         opt_sh_host = opt_sh
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh_host)(lora_state)
+    if abstract:  # a model from nnx.eval_shape: shapes with shardings, for .lower() (bench/memory.py)
+        def place(tree, shardings):
+            return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
+
+        lora_state, rest = place(lora_state, lora_sh), place(rest, rest_sh)
+        opt_state = place(opt_abstract, opt_sh_host)
+    else:
+        lora_state = jax.device_put(lora_state, lora_sh)
+        rest = jax.device_put(rest, rest_sh)
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh_host)(lora_state)
     repl = shard_lib.replicated(mesh)
     batch_sh = shard_lib.batch_sharding(mesh, 3, leading_unsharded=1)
     eval_batch_sh = shard_lib.batch_sharding(mesh, 2)
