@@ -65,14 +65,14 @@ def get_config() -> ConfigDict:
     c.optim.offload = False  # keep optimizer state in pinned host memory (paged-optimizer analog)
 
     c.train = ConfigDict()
-    c.train.batch_size = 8  # preference pairs per micro-batch (2 rows each: chosen and rejected)
+    c.train.batch_size = 4  # preference pairs per micro-batch (2 rows each: chosen and rejected)
     c.train.grad_accum = 1  # micro-batches per optimizer step
     c.train.epochs = 1.0  # passes over the training pairs (ignored when max_steps > 0)
-    c.train.max_steps = -1  # optimizer steps; -1 = derive from epochs
+    c.train.max_steps = 12  # optimizer steps (48 pairs: this preference is learned fast); -1 = derive from epochs
     c.train.log_every = 1  # optimizer steps between metric rows
-    c.train.eval_every = 10  # optimizer steps between held-out evaluations (0 = only before and after)
-    c.train.early_stopping_patience = 3  # stop after this many evaluations without a better reward accuracy (0 = never)
-    c.train.checkpoint_every = 10  # optimizer steps between checkpoints
+    c.train.eval_every = 6  # optimizer steps between held-out evaluations (0 = only before and after)
+    c.train.early_stopping_patience = 2  # stop after this many evaluations without a better reward accuracy (0 = never)
+    c.train.checkpoint_every = 6  # optimizer steps between checkpoints
     c.train.keep_checkpoints = 2  # keep the newest N checkpoints
     c.train.export_peft = True  # write the final adapters (workdir/adapter) and the best (workdir/best_adapter)
 

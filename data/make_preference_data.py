@@ -15,7 +15,18 @@ from __future__ import annotations
 import json
 import random
 
-from make_datasets import CITIES, EVAL_CITIES, EVAL_FIRST_NAMES, FIRST_NAMES, HERE, INSTRUCTION, SENTENCES, person, record, write_jsonl
+from make_datasets import (
+    CITIES,
+    EVAL_CITIES,
+    EVAL_FIRST_NAMES,
+    FIRST_NAMES,
+    HERE,
+    INSTRUCTION,
+    SENTENCES,
+    person,
+    record,
+    write_jsonl,
+)
 
 SEED = 20250807
 MISTAKES = ("age", "city", "name", "string_age", "chatty", "pretty")

@@ -80,7 +80,8 @@ def report(cfg) -> str:
     lora = lora_config_from(cfg) if cfg.lora.r > 0 else None
     counts = count_params(config, lora)
     quant = cfg.model.quantize != "none"
-    mem = estimate_memory(config, lora, batch=cfg.train.batch_size, seq=cfg.data.max_length,
+    rows = cfg.train.batch_size * (2 if cfg.get("objective", "sft") == "dpo" else 1)  # DPO: chosen + rejected
+    mem = estimate_memory(config, lora, batch=rows, seq=cfg.data.max_length,
                           compute_dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                           blocksize=cfg.model.blocksize, double_quant=cfg.model.double_quant,
                           remat=cfg.model.remat)
@@ -99,7 +100,7 @@ def report(cfg) -> str:
         lines.append(f"4-bit base storage {mem.base_4bit:,} bytes ({_gib(mem.base_4bit)}, {bits:.3f} bits/param, "
                      f"{cfg.model.quantize}, blocksize {cfg.model.blocksize}, double quant {cfg.model.double_quant})")
     lines += [
-        f"training memory    ~{_gib(mem.total)} at batch {cfg.train.batch_size} x seq {cfg.data.max_length} "
+        f"training memory    ~{_gib(mem.total)} at batch {rows} x seq {cfg.data.max_length} "
         f"({cfg.model.dtype} compute, remat {cfg.model.remat}; an estimate: see bench/memory.py for XLA's figure)",
         f"  base 4-bit {_gib(mem.base_4bit)} | other base {_gib(mem.base_other)} | adapters+grads+AdamW "
         f"{_gib(mem.adapters + mem.grads + mem.optimizer)} | activations {_gib(mem.activations)}",

@@ -73,6 +73,29 @@ def sequence_logprob(
     *,
     chunk_size: int = 512,
 ) -> jax.Array:
-    """Sum over masked positions of log p(target), per sequence: [batch] float32 (for DPO)."""
-    nll = token_nll(hidden, head_weight, targets, chunk_size=chunk_size)
-    return -jnp.sum(nll * loss_mask.astype(jnp.float32), axis=-1)
+    """Sum over masked positions of log p(target), per sequence: [batch] float32 (for DPO).
+
+    Only masked positions need the vocabulary projection (in preference data the prompt, which is
+    most of a sequence, carries no loss). Positions are reordered masked-first, cut into chunks, and
+    a chunk without a masked position skips its projection (``lax.cond``), in the forward and the
+    backward pass; shapes stay static, so no recompilation per batch.
+    """
+    hidden, targets, loss_mask = jnp.asarray(hidden), jnp.asarray(targets), jnp.asarray(loss_mask)
+    b, s, d = hidden.shape
+    n = b * s
+    chunk = min(chunk_size, n)
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    live = loss_mask.reshape(n) > 0
+    order = jnp.argsort(jnp.logical_not(live), stable=True)  # masked positions first, else in order
+    h = jnp.pad(hidden.reshape(n, d)[order], ((0, pad), (0, 0))).reshape(n_chunks, chunk, d)
+    t = jnp.pad(targets.reshape(n)[order], (0, pad)).reshape(n_chunks, chunk)
+    m = jnp.pad(live[order], (0, pad)).reshape(n_chunks, chunk)
+    body = jax.checkpoint(_chunk_nll, prevent_cse=False)
+
+    def one(args):
+        hc, tc, mc = args
+        return jax.lax.cond(jnp.any(mc), lambda: body(hc, head_weight, tc) * mc, lambda: jnp.zeros(chunk, jnp.float32))
+
+    nll = jax.lax.map(one, (h, t, m)).reshape(-1)[:n]
+    return -jax.ops.segment_sum(nll, order // s, num_segments=b)

@@ -1,7 +1,9 @@
 """The two-stage self-refinement pipeline end to end on the tiny random LLaMA (2 folds x 1 seed).
 
 One scenario serves every test (module fixture):
-  1. the CLI, with the trainer's fault hook, is SIGKILLed at step 3 of the first job;
+  1. the CLI, with the trainer's fault hook, is SIGKILLed after step 5 of the first job (whose
+     checkpoints are at steps 2 and 4; Orbax saves asynchronously, so the newest finalized one
+     is 2 or 4);
   2. the pipeline is run again in-process with a counting wrapper around the real trainer
      (Stage 2 at learning rate 0, so its final adapters must equal its initial ones);
   3. it is run a third time: nothing left to do.
@@ -23,16 +25,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 pytest.importorskip("torch")
-from tests.test_train import tiny_model_dir  # noqa: E402,F401  (fixture)
-
 from configs import self_refine as self_refine_config  # noqa: E402
 from qlora_jax.pipelines import plan as plan_lib  # noqa: E402
 from qlora_jax.pipelines.report import metrics_of_rows  # noqa: E402
+from tests.test_train import tiny_model_dir  # noqa: E402,F401  (fixture)
 
 N_SAMPLES = 24
 OVERRIDES = {  # on top of the demo preset: tiny and fast, the NF4 path kept
-    "pipeline.folds": 2, "pipeline.seeds": 1, "train.max_steps": 4, "train.checkpoint_every": 2,
+    "pipeline.folds": 2, "pipeline.seeds": 1, "train.max_steps": 6, "train.checkpoint_every": 2,
     "train.batch_size": 4, "train.grad_accum": 1, "lora.r": 4, "lora.alpha": 8.0, "pipeline.score_batch_size": 8,
+    "data.pad_to_multiple_of": 64,  # one batch shape per stage: fewer compilations
 }
 
 
@@ -58,11 +60,11 @@ def scenario(tiny_model_dir, tmp_path_factory):  # noqa: F811
     data.write_text("".join((REPO / "data/self_refine_demo/samples.jsonl").read_text().splitlines(True)[:N_SAMPLES]))
     workdir = root / "pipe"
 
-    # 1. killed like a preempted VM after optimizer step 3 of the first job (checkpoint at step 2).
+    # 1. killed like a preempted VM after optimizer step 5 of the first job.
     args = [sys.executable, "-m", "qlora_jax.pipelines.self_refine", "--config", f"{REPO}/configs/self_refine.py:demo",
             f"--config.workdir={workdir}", f"--config.model.source={tiny_model_dir}", f"--config.pipeline.data={data}"]
     args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "QLORA_FAULT_KILL_AT_STEP": "3"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "QLORA_FAULT_KILL_AT_STEP": "5"}
     killed = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
     # 2. resumed in-process; every trainer call is recorded.
@@ -102,9 +104,10 @@ def test_killed_job_resumes_and_finished_jobs_are_skipped(scenario):
     assert jobs == ["stage1/seed0/fold0", "stage1/seed0/fold1", "stage2/seed0/fold0", "stage2/seed0/fold1"]
     first = wd / "stage1/seed0/fold0"
     log_text = (first / "train.log").read_text()
-    assert "resumed from" in log_text and f"{first}/checkpoints/2" in log_text
+    assert "resumed from" in log_text
+    assert f"{first}/checkpoints/2 at step 2" in log_text or f"{first}/checkpoints/4 at step 4" in log_text
     steps = [r["step"] for r in map(json.loads, (first / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert steps == [1, 2, 3, 4]  # step 3 of the killed run was dropped and redone
+    assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's steps after the checkpoint were dropped and redone
     assert scenario["result"]["complete"]
     # Third run: no trainer call, and no job's result rewritten.
     assert scenario["calls_again"] == []
@@ -147,7 +150,7 @@ def test_no_sample_is_scored_or_pseudo_labelled_by_a_model_that_trained_on_it(sc
             assert r["id"] not in train_ids[(1, src)]
             assert r["stage1_pred"] == stage1[r["id"]]["pred"] and r["stage1_llr"] == stage1[r["id"]]["llr"]
             user = r["messages"][-2]["content"]
-            assert f"answered: {stage1[r['id']]['pred']} " in user
+            assert f"answered {stage1[r['id']]['pred']} (" in user
             assert f"ratio {stage1[r['id']]['llr']:+.2f})" in user
 
 
@@ -162,7 +165,7 @@ def test_stage2_starts_from_the_stage1_adapters(scenario):
     for fold in (0, 1):
         s1 = _ckpt_step_dirs(wd / f"stage1/seed0/fold{fold}")[-1]
         s2 = _ckpt_step_dirs(wd / f"stage2/seed0/fold{fold}")[-1]
-        assert s1.name == s2.name == "4"
+        assert s1.name == s2.name == "6"
         a = jax.tree.map(np.asarray, reader.restore(s1 / "lora"))
         b = jax.tree.map(np.asarray, reader.restore(s2 / "lora"))
         assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
@@ -225,3 +228,31 @@ def _csv(path: Path):
 
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def test_stage2_waits_for_other_shards(scenario, tiny_model_dir, tmp_path):  # noqa: F811
+    """Shard 0/2 owns fold 0; its Stage-2 job needs Stage-1 fold 1, which shard 1/2 has not run."""
+    import shutil
+
+    from qlora_jax.pipelines.self_refine import WaitingForShards, run_pipeline
+
+    wd = tmp_path / "pipe"
+    (wd / "stage1/seed0").mkdir(parents=True)
+    for name in ("plan.json", "folds.csv"):
+        shutil.copy(scenario["workdir"] / name, wd / name)
+    shutil.copytree(scenario["workdir"] / "stage1/seed0/fold0", wd / "stage1/seed0/fold0")
+    cfg = _config(tiny_model_dir, scenario["data"], wd)
+    cfg.pipeline.shard, cfg.pipeline.wait_minutes = "0/2", 0.0
+    calls: list = []
+    with pytest.raises(WaitingForShards, match="stage 1 fold 1 seed 0"):
+        run_pipeline(cfg, train_fn=calls.append)
+    assert calls == []  # its own Stage-1 job was done; nothing was trained
+
+
+def test_changed_settings_are_refused(tmp_path):
+    from qlora_jax.pipelines.self_refine import check_plan
+
+    check_plan(tmp_path, {"lora.r": 8, "pipeline.folds": 5})
+    with pytest.raises(plan_lib.PlanError, match="pipeline.folds: 5 -> 2"):
+        check_plan(tmp_path, {"lora.r": 8, "pipeline.folds": 2})
+    check_plan(tmp_path, {"lora.r": 8, "pipeline.folds": 5, "objective": "sft"})  # a new trainer field

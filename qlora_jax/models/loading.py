@@ -7,9 +7,10 @@ own parameter tree (HF name = ``model.`` + tree path, with the layer index re-in
 ``layers``), so a weight is declared once, in the module that uses it.
 
 Memory: the model is first built abstractly (``nnx.eval_shape``: shapes only), then filled tensor
-by tensor into host buffers that already have the final (4-bit) layout. Peak host memory is
-about the quantized model plus the one float tensor being converted; each finished parameter is
-placed on its device(s) once.
+by tensor into host buffers that already have the final (4-bit) layout. A weight is placed on its
+device(s) as soon as it is complete (a stacked decoder weight when its last layer arrives), so
+its host buffer is freed early. Peak host memory is about the quantized model plus the one float
+tensor being converted (``bench/load_rss.py`` measures it).
 """
 
 from __future__ import annotations
@@ -172,9 +173,22 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
     variables = _variables(model)
     table = hf_name_table(model)
     num_layers = config.num_hidden_layers
-    host: dict[tuple[str, ...], Any] = {}  # path -> numpy array, or {field: numpy array}
+    host: dict[tuple[str, ...], Any] = {}  # stacked path -> numpy buffer, or {field: numpy buffer}
+    filled: dict[tuple[str, ...], int] = {}  # stacked path -> layers written so far
+    placed: dict[tuple[str, ...], Any] = {}  # path -> jax.Array, or {field: jax.Array}
     seen: set[str] = set()
     unknown, repeated = [], []
+
+    def place(name: str, value: np.ndarray) -> jax.Array:
+        return jax.device_put(value, _leaf_sharding(mesh, shardings, name, value.shape))
+
+    def place_path(path: tuple[str, ...], value: Any) -> None:
+        """Put a finished weight on its device(s) now, so its host buffer can go."""
+        name = ".".join(path)
+        if isinstance(value, dict):
+            placed[path] = {f: place(f"{name}.{f}", value[f]) for f in _QUANT_FIELDS}
+        else:
+            placed[path] = place(name, value)
 
     for name, tensor in tensors:
         slot = table.get(name)
@@ -194,7 +208,7 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
                          for f in _QUANT_FIELDS}
             fields = _quantized_fields(name, tensor, abstract, per_layer)
             if not stacked:
-                host[slot.path] = fields
+                place_path(slot.path, fields)
                 continue
             buf = host.setdefault(slot.path, {
                 f: np.empty(getattr(abstract, f).shape, getattr(abstract, f).dtype) for f in _QUANT_FIELDS})
@@ -206,11 +220,15 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
                                  f"(pass quant=QuantConfig(...) to quantize decoder linears)")
             arr = _as_numpy(tensor)
             _check_shape(name, arr.shape, abstract.shape[1:] if stacked else abstract.shape)
-            arr = arr.astype(abstract.dtype)
-            if stacked:
-                host.setdefault(slot.path, np.empty(abstract.shape, abstract.dtype))[slot.layer] = arr
-            else:
-                host[slot.path] = arr
+            arr = np.asarray(arr, dtype=abstract.dtype)  # no copy when the dtype already fits
+            if not stacked:
+                place_path(slot.path, arr)
+                continue
+            host.setdefault(slot.path, np.empty(abstract.shape, abstract.dtype))[slot.layer] = arr
+        del tensor
+        filled[slot.path] = filled.get(slot.path, 0) + 1
+        if filled[slot.path] == num_layers:  # every layer is in: place the stacked array
+            place_path(slot.path, host.pop(slot.path))
 
     missing = [n for n in table if n not in seen]
     problems = []
@@ -224,18 +242,14 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
         raise ValueError(f"cannot build {config.model_type} model ({num_layers} layers): "
                          + "; ".join(problems))
 
-    def place(name: str, value: np.ndarray) -> jax.Array:
-        return jax.device_put(value, _leaf_sharding(mesh, shardings, name, value.shape))
-
     for path, var in variables.items():
         if isinstance(var, lora_lib.LoRAParam):
             continue
-        value, name = host.pop(path), ".".join(path)
+        value = placed.pop(path)
         if isinstance(var, QuantParam):
-            fields = {f: place(f"{name}.{f}", value[f]) for f in _QUANT_FIELDS}
-            var.set_value(dataclasses.replace(var.get_value(), **fields))
+            var.set_value(dataclasses.replace(var.get_value(), **value))
         else:
-            var.set_value(place(name, value))
+            var.set_value(value)
 
     if lora is not None:
         lora_lib.init_adapters(model, lora, nnx.Rngs(rng_seed).lora())

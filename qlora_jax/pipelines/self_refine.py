@@ -104,12 +104,18 @@ def _reset_trainer_logging() -> None:
 
 
 def check_plan(workdir: Path, record: dict[str, Any]) -> None:
-    """Write plan.json on the first start; on later starts require the same result-fixing settings."""
+    """Write plan.json on the first start; on later starts require the same result-fixing settings.
+
+    A key recorded in both with different values is an error. A key present on one side only (a
+    config field added to or removed from the trainer since) is logged, not an error."""
     path = workdir / "plan.json"
     if path.exists():
         saved = json.loads(path.read_text())
-        diffs = [f"{k}: {saved.get(k)!r} -> {record.get(k)!r}"
-                 for k in sorted(set(saved) | set(record)) if saved.get(k) != record.get(k)]
+        diffs = [f"{k}: {saved[k]!r} -> {record[k]!r}" for k in sorted(set(saved) & set(record))
+                 if saved[k] != record[k]]
+        one_side = sorted(set(saved) ^ set(record))
+        if one_side:
+            log.info("config keys new or gone since %s was written (not checked): %s", path, ", ".join(one_side))
         if diffs:
             raise PlanError(f"{workdir} was started with other settings ({path}); use a new workdir or "
                             "restore them:\n  " + "\n  ".join(diffs))

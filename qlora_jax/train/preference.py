@@ -22,7 +22,12 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from qlora_jax.data.preference import PreferenceBatchIterator, PreferenceStats, TokenizedPair, prepare_preference
+from qlora_jax.data.preference import (
+    PreferenceBatchIterator,
+    PreferenceStats,
+    TokenizedPair,
+    prepare_preference,
+)
 from qlora_jax.dpo import dpo_loss
 from qlora_jax.objectives import sequence_logprob
 from qlora_jax.train import sharding as shard_lib
@@ -39,12 +44,13 @@ def sequence_logps(graphdef, lora, rest, batch, *, lora_enabled: bool = True, ke
     return sequence_logprob(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"])
 
 
-def pair_sums(policy_logps, ref_logps, loss_mask, *, beta: float, loss_type: str, label_smoothing: float):
+def pair_sums(policy_logps, ref_logps, completion_lengths, *, beta: float, loss_type: str, label_smoothing: float):
     """Rows interleaved chosen/rejected -> (summed loss, summed statistics) over the live pairs.
 
-    A pair is live when both its rows have completion tokens; padding pairs add nothing.
+    All three inputs are per row ``[2 * pairs]``; ``completion_lengths`` counts each row's loss
+    tokens. A pair is live when both its rows have completion tokens; padding pairs add nothing.
     """
-    lengths = jnp.sum(loss_mask.astype(jnp.float32), axis=-1).reshape(-1, 2)  # [pairs, (chosen, rejected)]
+    lengths = jnp.asarray(completion_lengths, jnp.float32).reshape(-1, 2)  # [pairs, (chosen, rejected)]
     policy, ref = policy_logps.reshape(-1, 2), ref_logps.reshape(-1, 2)
     out = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta=beta, loss_type=loss_type,
                    label_smoothing=label_smoothing, chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1])
@@ -83,7 +89,8 @@ class DPOObjective:
 
     def loss_sums(self, graphdef, lora, rest, batch, key, reference):
         logps = sequence_logps(graphdef, lora, rest, batch, key=key, deterministic=False)
-        return pair_sums(logps, reference, batch["loss_mask"], beta=self.beta, loss_type=self.loss_type,
+        lengths = jnp.sum(batch["loss_mask"].astype(jnp.float32), axis=-1)
+        return pair_sums(logps, reference, lengths, beta=self.beta, loss_type=self.loss_type,
                          label_smoothing=self.label_smoothing)
 
 
@@ -144,11 +151,12 @@ class PreferenceEvaluator:
     """
 
     def __init__(self, graphdef, mesh, pairs: list[TokenizedPair], objective: DPOObjective, *,
-                 batch_size: int, seq_len: int, pad_id: int):
+                 batch_size: int, seq_len: int, pad_id: int, pad_to_multiple_of: int = 64):
         self.objective = objective
         self.pairs = len(pairs)
-        it = PreferenceBatchIterator(pairs, batch_size=batch_size, seq_len=seq_len, shuffle=False,
-                                     num_epochs=1, pad_id=pad_id, group_by_length=False)
+        by_length = sorted(pairs, key=len)  # metrics are means over pairs: batch similar lengths together
+        it = PreferenceBatchIterator(by_length, batch_size=batch_size, seq_len=seq_len, shuffle=False,
+                                     num_epochs=1, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
         self.batches = list(it)
         self._fn = _logps_fn(graphdef, mesh)
         self._ref: list[np.ndarray] | None = None
@@ -164,14 +172,13 @@ class PreferenceEvaluator:
     def __call__(self, lora, rest, ref_lora=None) -> dict[str, float]:
         ref = self.reference_logps(lora, rest, ref_lora)
         policy = [np.asarray(self._fn(lora, rest, b, True)) for b in self.batches]
-        mask = np.concatenate([b["loss_mask"] for b in self.batches])
+        lengths = np.concatenate([b["loss_mask"].sum(-1) for b in self.batches]).astype(np.float32)
         policy_all, ref_all = np.concatenate(policy), np.concatenate(ref)
         o = self.objective
-        loss_sum, s = pair_sums(jnp.asarray(policy_all), jnp.asarray(ref_all), jnp.asarray(mask), beta=o.beta,
+        loss_sum, s = pair_sums(jnp.asarray(policy_all), jnp.asarray(ref_all), jnp.asarray(lengths), beta=o.beta,
                                 loss_type=o.loss_type, label_smoothing=o.label_smoothing)
         pairs = max(float(s["pairs"]), 1.0)
-        lengths = mask.sum(-1).reshape(-1, 2)
-        live = (lengths > 0).all(-1)
+        live = (lengths.reshape(-1, 2) > 0).all(-1)
         p = policy_all.reshape(-1, 2)[live]
         m = step_metrics(s)
         return {"loss": float(loss_sum) / pairs, "reward_accuracy": m["reward_accuracy"],

@@ -243,7 +243,8 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
     metrics = MetricsWriter(workdir)
     eval_kw = dict(batch_size=cfg.train.batch_size, seq_len=cfg.data.max_length, pad_id=pad_id)
     if dpo:
-        pref_eval = pref_lib.PreferenceEvaluator(fns.graphdef, mesh, eval_ex, objective, **eval_kw)
+        pref_eval = pref_lib.PreferenceEvaluator(fns.graphdef, mesh, eval_ex, objective,
+                                                 pad_to_multiple_of=cfg.data.pad_to_multiple_of, **eval_kw)
 
         def run_eval(adapters):
             return pref_eval(adapters, rest, ref_lora)
@@ -264,10 +265,12 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
 
     before = {}
     if start == 0 and eval_ex:
+        t_eval = time.perf_counter()
         before = run_eval(lora_state)
         if dpo:
-            log.info("eval before training: loss %.4f, reward accuracy %.1f%%, log-prob accuracy %.1f%%",
-                     before["loss"], 100 * before["reward_accuracy"], 100 * before["logp_accuracy"])
+            log.info("eval before training: loss %.4f, reward accuracy %.1f%%, log-prob accuracy %.1f%% (%.0f s)",
+                     before["loss"], 100 * before["reward_accuracy"], 100 * before["logp_accuracy"],
+                     time.perf_counter() - t_eval)
         else:
             log.info("eval before training: loss %.4f, exact match %.1f%%", before["loss"], 100 * before["exact_match"])
         metrics.write(0, eval_row(before))
@@ -281,6 +284,7 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
     tokens_seen = 0.0
     t_loop = t_prev = time.perf_counter()
     failure = None
+    last_eval = None  # (step, metrics) of the newest evaluation in the loop
     try:
         with loop.GracefulExit() as stop:
             while step < total_steps and not stopper.stopped:
@@ -314,6 +318,7 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
                     ev = run_eval(lora_state)
                     metrics.write(step, eval_row(ev))
                     keep_if_best(ev, step)
+                    last_eval = (step, ev)
                     if stopper.stopped:
                         log.info("early stopping at step %d: no better held-out reward accuracy in %d evaluations "
                                  "(best %.1f%% at step %d)", step, stopper.patience, 100 * stopper.best,
@@ -350,7 +355,9 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
     rows = read_metrics(workdir / "metrics.jsonl")
     tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][2:]  # skip compile steps
     result["tokens_per_s_median"] = float(np.median(tps)) if tps else None
-    if finished and eval_ex:
+    if finished and eval_ex and last_eval is not None and last_eval[0] == step:  # early stop: just evaluated
+        result["eval_before"], result["eval_after"] = before, last_eval[1]
+    elif finished and eval_ex:
         after = run_eval(lora_state)
         metrics = MetricsWriter(workdir, tensorboard=False)
         metrics.write(step, eval_row(after))
