@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -353,6 +354,28 @@ def test_early_stopping_state():
     assert s.update(6, 0.75) and s.bad_evals == 0
     assert not s.update(8, 0.6) and not s.update(10, 0.7) and s.stopped and s.best_step == 6
     assert EarlyStopping.from_state(s.state(), 2) == s
+
+
+def test_config_checks_name_the_key():
+    from qlora_jax.train.config_check import ConfigError, validate_config
+
+    validate_config(dpo_config.get_config())
+    validate_config(sft_config.get_config())
+    for overrides, message in [
+        ({"dpo.label_smoothing": 0.1}, "has no effect with loss_type='sigmoid'"),
+        ({"dpo.loss_type": "robust", "dpo.label_smoothing": 0.5}, "config.dpo.label_smoothing=0.5"),
+        ({"dpo.loss_type": "kto"}, "config.dpo.loss_type='kto'"),
+        ({"dpo.reference": "init"}, "needs config.model.init_from"),
+        ({"data.pack": True}, "config.data.pack"),
+        ({"train.eval_every": 0}, "early_stopping_patience > 0 needs"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate_config(_set(dpo_config.get_config(), overrides))
+    sft = sft_config.get_config()
+    with sft.unlocked():
+        sft.train.early_stopping_patience = 2
+    with pytest.raises(ConfigError, match="objective='dpo' only"):
+        validate_config(sft)
 
 
 # -- the trainer end to end ------------------------------------------------------------------------
