@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import functools
 
+import _smollm2 as smol
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-import _smollm2 as smol
 from qlora_jax.generate import Generator, SamplingParams, bucket_length, main, sampling_mask
 from qlora_jax.lora import LoraConfig, LoRAParam
 from qlora_jax.models import CausalLM, ModelConfig
 
-NEW_TOKENS = 24
+NEW_TOKENS = 16
 
 
 @functools.cache
@@ -178,14 +178,14 @@ def test_nf4_lora_adapters_off_equal_base_model():
     base = _without_adapters(model)
     assert base.lora_config is None and not nnx.state(base, LoRAParam)
     prompts = [smol.chat_ids(c) for c in smol.CHATS[:2]]
-    kw = dict(max_new_tokens=16)
-    off = Generator(model, smol.tokenizer()).generate(prompts, lora_enabled=False, **kw)
-    reference = Generator(base, smol.tokenizer()).generate(prompts, **kw)
-    on = Generator(model, smol.tokenizer()).generate(prompts, **kw)
-    print("nf4 base:", reference.texts, "| with random adapters:", on.texts)
+    off = Generator(model, smol.tokenizer()).generate(prompts, lora_enabled=False, max_new_tokens=12)
+    reference = Generator(base, smol.tokenizer()).generate(prompts, max_new_tokens=12)
+    print("nf4 base:", reference.texts)
     assert off.tokens == reference.tokens
-    assert on.tokens != reference.tokens
     assert reference.texts[0].startswith("The capital of France is Paris")
+    # The adapters are not idle: switched on, they change the next-token distribution.
+    ids = jnp.asarray([prompts[0]])
+    assert smol.max_abs(model(ids)[0, -1], model(ids, lora_enabled=False)[0, -1]) > 1.0
 
 
 def test_no_recompilation_within_a_bucket():

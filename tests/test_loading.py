@@ -18,9 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import _smollm2 as smol
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 

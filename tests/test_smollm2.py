@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import copy
 
+import _smollm2 as smol
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import _smollm2 as smol
 
 torch = pytest.importorskip("torch")
 

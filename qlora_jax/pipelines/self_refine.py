@@ -11,7 +11,10 @@ Stage 2: the prompts are refined with each sample's own out-of-fold Stage-1 pred
 (``pipeline.stage2_template``). Job (f, s) starts from the Stage-1 adapters of (f, s)
 (``model.init_from``), trains on the other folds' refined prompts and scores fold f's. No
 sample's pseudo-label comes from a model that trained on that sample: the label of a sample of
-fold g is produced by job (g, s), which never saw fold g.
+fold g is produced by job (g, s), which never saw fold g. (One step removed, fold f's labels do
+reach Stage-2 job (f, s): the Stage-1 jobs (g != f, s) that label its training prompts trained on
+fold f. Removing that needs nested cross-validation, K x (K - 1) Stage-1 models per seed, which
+the seed does not describe.)
 
 Training is ordinary SFT on a chat whose assistant turn is the answer word: the loss covers the
 answer token and the template's end-of-turn token (as the trainer does for every assistant turn;
@@ -24,7 +27,9 @@ Resumption is per (stage, fold, seed): a job is finished when its ``done.json`` 
 never run again; an interrupted job resumes inside the trainer from its own newest checkpoint.
 ``pipeline.shard="i/n"`` runs only the jobs with (seed * K + fold) % n == i, so n hosts sharing
 the workdir split the work; Stage 2 of seed s waits (``pipeline.wait_minutes``) until every
-Stage-1 fold of seed s is done, whichever host ran it. See ``plan.py`` for the file layout.
+Stage-1 fold of seed s is done, whichever host ran it. Every invocation ends by writing the
+reports from the finished jobs (marked partial or complete); once all shards are done,
+``--config.pipeline.report_only=True`` rebuilds them. See ``plan.py`` for the file layout.
 """
 
 from __future__ import annotations
