@@ -1,0 +1,6 @@
+"""The one error type of the retrieval stage."""
+
+
+class RagError(ValueError):
+    """A corpus, upload, index or query that cannot be used; the message names the file, line
+    or setting and says what to do. Raised before anything is changed: an index stays as it was."""
