@@ -2,6 +2,7 @@
 
     python -m qlora_jax.evaluate --config configs/eval_mcqa.py [--config.model.quantize=none]
         [--config.adapter=runs/sft_demo/adapter] [--config.prompt.chat_template=True]
+        [--config.rag.enabled=True]   # retrieval from data/rag_corpus (see qlora_jax/rag)
 
 Defaults: the built-in SmolLM2-135M-Instruct, NF4, zero-shot, on the shipped 56-question set.
 """
@@ -31,6 +32,15 @@ def get_config() -> ConfigDict:
     c.prompt.chat_template = False  # put the prompt in the user turn of the model's chat template
     c.prompt.system = ""  # system message with chat_template ("" = the template's default)
     c.prompt.label_prefix = "auto"  # text before the scored answer: "auto" = " " raw (after "Answer:"), "" in chat
+
+    c.rag = ConfigDict()  # retrieval-augmented prompts (qlora_jax.rag)
+    c.rag.enabled = False  # put the passages retrieved for each question before its prompt
+    c.rag.index = ""  # a saved index (python -m qlora_jax.rag build ...); "" = build one from rag.corpus
+    c.rag.corpus = "data/rag_corpus"  # comma-separated files/directories indexed in memory when rag.index is ""
+    c.rag.top_k = 2  # passages per question
+    c.rag.chunk_words = 80  # chunk size in words when building from rag.corpus
+    c.rag.overlap_words = 20  # words shared by neighbouring chunks
+    c.rag.template = ""  # "" = "Background:\n{context}\n\n{prompt}"; must use {context} and {prompt}
 
     c.batch_size = 8  # questions per forward pass
     c.output = "runs/eval_mcqa/results.json"  # JSON results (per-question scores, accuracy); "" = don't write

@@ -28,6 +28,13 @@ predictions equal to the gold answer. We also check that the prompt's tokens fol
 label's token are exactly the tokenization of the joined text (the harness scores the
 continuation tokens of the joined string; a merge across the boundary would change them).
 
+Retrieval (``--config.rag.enabled=True``): each question (its text alone, not the options) is
+the query; the ``rag.top_k`` most similar chunks of ``rag.corpus`` (or of the saved index
+``rag.index``; see :mod:`qlora_jax.rag`) are put before the harness prompt by ``rag.template``
+(default ``Background:\n{context}\n\n{prompt}``, best passage last), inside the chat template
+when that is on. Few-shot examples get no passages. The results record each question's
+passages and whether they contain the gold option's text (a retrieval-recall proxy).
+
 Outputs: a JSON file (per question: the options' log-likelihoods, prediction, gold; per subject
 and overall accuracy) and a printed table.
 """
@@ -200,7 +207,8 @@ class MCQAScorer:
 
     def __init__(self, model, tokenizer, *, scoring: str = "letter", chat_template: bool = False,
                  system: str | None = None, num_fewshot: int = 0, subject: str | None = None,
-                 label_prefix: str = "auto", batch_size: int = 8, lora_enabled: bool = True):
+                 label_prefix: str = "auto", batch_size: int = 8, lora_enabled: bool = True,
+                 rag_template: str | None = None):
         if scoring not in SCORING:
             raise MCQAError(f"scoring must be one of {SCORING}, got {scoring!r}")
         self.model, self.tokenizer, self.scoring = model, tokenizer, scoring
@@ -216,6 +224,10 @@ class MCQAScorer:
         if chat_template and not getattr(tokenizer, "chat_template", None):
             raise MCQAError("prompt.chat_template=True but the tokenizer has no chat template")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        from qlora_jax.rag.prompt import MCQA_TEMPLATE, check_template
+
+        self.rag_template = rag_template or MCQA_TEMPLATE
+        check_template(self.rag_template, "prompt")
 
     def _encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
@@ -233,8 +245,11 @@ class MCQAScorer:
             ids.append(tokens[0])
         return ids
 
-    def prompt_text(self, item: MCQItem, shots: Sequence[MCQItem] = ()) -> str:
-        text = format_prompt(item, shots, self.subject, self.scoring)
+    def prompt_text(self, item: MCQItem, shots: Sequence[MCQItem] = (), passages: Sequence[str] = ()) -> str:
+        """The prompt for ``item``; retrieved ``passages`` (best first) go before it by ``rag_template``."""
+        from qlora_jax.rag.prompt import mcqa_prompt
+
+        text = mcqa_prompt(format_prompt(item, shots, self.subject, self.scoring), passages, self.rag_template)
         if not self.chat_template:
             return text
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + \
@@ -251,13 +266,18 @@ class MCQAScorer:
                             f"tokenized together; the prompt's tokens are not a prefix of the joined text's")
         return context_ids, whole[len(context_ids):]
 
-    def score(self, items: Sequence[MCQItem]) -> list[dict[str, Any]]:
+    def score(self, items: Sequence[MCQItem], passages: Sequence[Sequence[str]] | None = None) -> list[dict[str, Any]]:
         """Per question: ``logprobs`` per option, ``pred`` (argmax), ``gold``, ``prompt_tokens``;
-        with cloze scoring also ``logprobs_norm`` (per byte) and ``pred_norm``."""
+        with cloze scoring also ``logprobs_norm`` (per byte) and ``pred_norm``. ``passages``:
+        retrieved passages per question (retrieval-augmented prompts)."""
         items = list(items)
         if not items:
             return []
-        texts = [self.prompt_text(it, fewshot_examples(items, i, self.num_fewshot)) for i, it in enumerate(items)]
+        passages = list(passages) if passages is not None else [()] * len(items)
+        if len(passages) != len(items):
+            raise MCQAError(f"{len(passages)} passage lists for {len(items)} questions")
+        texts = [self.prompt_text(it, fewshot_examples(items, i, self.num_fewshot), passages[i])
+                 for i, it in enumerate(items)]
         if self.scoring == "letter":
             return self._score_letters(items, texts)
         return self._score_cloze(items, texts)
@@ -384,6 +404,38 @@ def format_table(summary: dict[str, Any], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def retrieve_passages(rag_cfg, items: Sequence[MCQItem]) -> tuple[list[list[str]], dict[str, Any]]:
+    """The top-k passages for each question (the question text is the query) from ``rag.index``
+    (a saved index) or, without one, an index built in memory from ``rag.corpus``; and a record
+    of what was retrieved (locations, scores, whether the gold option's text is in them)."""
+    import re
+
+    from qlora_jax.rag import RagError, RagIndex
+
+    t0 = time.perf_counter()
+    if rag_cfg.index:
+        index, where = RagIndex.load(rag_cfg.index), str(rag_cfg.index)
+    else:
+        corpus = [p.strip() for p in str(rag_cfg.corpus).split(",") if p.strip()]
+        if not corpus:
+            raise RagError("rag.enabled=True needs rag.index (a saved index) or rag.corpus (files/directories)")
+        index = RagIndex.build(corpus, chunk_words=rag_cfg.chunk_words, overlap_words=rag_cfg.overlap_words)
+        where = ",".join(corpus)
+    hits = index.search([it.question for it in items], k=rag_cfg.top_k)
+    passages = [[h.chunk.text for h in row] for row in hits]
+
+    def contains(text: str, answer: str) -> bool:
+        return re.search(r"(?<!\w)" + re.escape(answer.lower()) + r"(?!\w)", text.lower()) is not None
+
+    gold_found = [any(contains(p, it.choices[it.answer]) for p in ps) for it, ps in zip(items, passages)]
+    record = {"index": where, "chunks": len(index), "top_k": int(rag_cfg.top_k),
+              "seconds": round(time.perf_counter() - t0, 2),
+              "gold_in_passages": sum(gold_found) / len(items),
+              "retrieved": [{"locations": [h.chunk.location for h in row], "scores": [round(h.score, 4) for h in row],
+                             "gold_in_passages": found} for row, found in zip(hits, gold_found)]}
+    return passages, record
+
+
 def run(cfg) -> dict[str, Any]:
     """Evaluate as ``cfg`` (``configs/eval_mcqa.py``) says; writes ``cfg.output`` and returns the results."""
     from qlora_jax.generate import load_for_inference
@@ -391,6 +443,13 @@ def run(cfg) -> dict[str, Any]:
     items = load_mcqa(cfg.data.path)
     if cfg.data.max_questions:
         items = items[:cfg.data.max_questions]
+    passages, rag_record = None, None
+    if cfg.rag.enabled:
+        from qlora_jax.rag.prompt import check_template
+
+        if cfg.rag.template:
+            check_template(cfg.rag.template, "prompt")  # before the slow part
+        passages, rag_record = retrieve_passages(cfg.rag, items)
     t0 = time.perf_counter()
     model, tokenizer, what = load_for_inference(cfg.model.source or None, cfg.adapter or None,
                                                 quantize=cfg.model.quantize, dtype=cfg.model.dtype)
@@ -399,19 +458,27 @@ def run(cfg) -> dict[str, Any]:
                         system=cfg.prompt.system,
                         num_fewshot=cfg.data.num_fewshot, subject=cfg.data.subject,
                         label_prefix=cfg.prompt.label_prefix, batch_size=cfg.batch_size,
-                        lora_enabled=cfg.lora_enabled)
+                        lora_enabled=cfg.lora_enabled, rag_template=cfg.rag.template or None)
     t1 = time.perf_counter()
-    summary = summarize(items, scorer.score(items))
+    summary = summarize(items, scorer.score(items, passages))
     summary.update(model=what, adapters_on=scorer.lora_enabled, data=str(cfg.data.path),
                    chat_template=bool(cfg.prompt.chat_template), num_fewshot=int(cfg.data.num_fewshot),
                    seconds={"load": round(t_load, 2), "score": round(time.perf_counter() - t1, 2)},
-                   example_prompt=scorer.prompt_text(items[0], fewshot_examples(items, 0, scorer.num_fewshot)),
+                   example_prompt=scorer.prompt_text(items[0], fewshot_examples(items, 0, scorer.num_fewshot),
+                                                     passages[0] if passages else ()),
                    config=json.loads(cfg.to_json()))
+    if rag_record is not None:
+        summary["rag"] = rag_record
+        for q, r in zip(summary["questions"], rag_record["retrieved"]):
+            q["retrieved"] = r
     if cfg.output:
         out = Path(cfg.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     title = f"{what}{' (adapters off)' if cfg.adapter and not scorer.lora_enabled else ''}: {cfg.data.path}"
+    if rag_record is not None:
+        title += (f"\nretrieval: top {rag_record['top_k']} of {rag_record['chunks']} chunks ({rag_record['index']}); "
+                  f"gold option's text in the passages for {rag_record['gold_in_passages']:.1%} of questions")
     print(format_table(summary, title))
     if cfg.print_questions:
         for q in summary["questions"]:
@@ -432,10 +499,11 @@ def _cli() -> None:
     def main(argv):
         del argv
         from qlora_jax.export import ExportError
+        from qlora_jax.rag import RagError
 
         try:
             run(config.value)
-        except (MCQAError, ExportError, FileNotFoundError) as e:
+        except (MCQAError, ExportError, RagError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

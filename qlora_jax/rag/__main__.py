@@ -1,7 +1,7 @@
 """Build, extend and query a retrieval index from the command line.
 
     python -m qlora_jax.rag build --corpus data/rag_corpus [--corpus more.pdf] --index runs/rag_index
-        [--chunk-words 120 --overlap-words 20]
+        [--chunk-words 80 --overlap-words 20]
     python -m qlora_jax.rag add --index runs/rag_index notes.pdf other_dir/
     python -m qlora_jax.rag query --index runs/rag_index [--top-k 3] "question" ["question" ...]
 
@@ -25,14 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="index a corpus (files or directories), replacing --index")
     b.add_argument("--corpus", action="append", required=True, help="a .txt/.md/.rst/.jsonl/.pdf file or a directory")
     b.add_argument("--index", required=True, help="directory to write the index to")
-    b.add_argument("--chunk-words", type=int, default=120, help="words per chunk at most")
+    b.add_argument("--chunk-words", type=int, default=80, help="words per chunk at most")
     b.add_argument("--overlap-words", type=int, default=20, help="words repeated between neighbouring chunks")
     a = sub.add_parser("add", help="add files to an existing index")
     a.add_argument("--index", required=True)
     a.add_argument("paths", nargs="+")
     q = sub.add_parser("query", help="print the passages retrieved for each question")
     q.add_argument("--index", required=True)
-    q.add_argument("--top-k", type=int, default=3)
+    q.add_argument("--top-k", type=int, default=2)
     q.add_argument("questions", nargs="+")
     for s in (b, a):
         s.add_argument("--max-file-mb", type=float, default=20.0, help="size limit per file")

@@ -5,8 +5,9 @@ A text is cut into *units*: its lines, and the sentences within a line (a break 
 ``chunk_words`` words; the next chunk starts with the previous chunk's last units worth at
 most ``overlap_words`` words, so a fact cut at a boundary is whole in one of the two. A single
 unit longer than ``chunk_words`` is cut into word windows. Chunk text is the source slice from
-its first to its last unit (line breaks kept). With the defaults (120 words) a chunk stays
-below all-MiniLM-L6-v2's 256-token truncation for ordinary English prose.
+its first to its last unit (line breaks kept). With the defaults (80 words, ~110 tokens) a chunk
+stays well below all-MiniLM-L6-v2's 256-token truncation for ordinary English prose, and a
+few of them still make a short prompt for a small model on a CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from qlora_jax.rag.loaders import Document
 
 _UNIT = re.compile(r"[^\n]+?(?:[.!?](?=\s)|$)", re.MULTILINE)  # a sentence, or the rest of a line
 _WORD = re.compile(r"\S+")
+CHUNK_WORDS = 80  # default words per chunk, at most
+OVERLAP_WORDS = 20  # default words shared by neighbouring chunks, at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +67,7 @@ def _split_long(text: str, start: int, end: int, chunk_words: int, overlap_words
     return out
 
 
-def chunk_spans(text: str, chunk_words: int = 120, overlap_words: int = 20) -> list[tuple[int, int]]:
+def chunk_spans(text: str, chunk_words: int = CHUNK_WORDS, overlap_words: int = OVERLAP_WORDS) -> list[tuple[int, int]]:
     """``(start, end)`` character spans of the chunks of ``text``, in order."""
     if chunk_words < 1:
         raise RagError(f"chunk_words must be >= 1, got {chunk_words}")
@@ -92,7 +95,8 @@ def chunk_spans(text: str, chunk_words: int = 120, overlap_words: int = 20) -> l
     return spans
 
 
-def chunk_documents(docs: Sequence[Document], chunk_words: int = 120, overlap_words: int = 20) -> list[Chunk]:
+def chunk_documents(docs: Sequence[Document], chunk_words: int = CHUNK_WORDS,
+                    overlap_words: int = OVERLAP_WORDS) -> list[Chunk]:
     """The chunks of every document, each labelled with its source line (or PDF page)."""
     chunks = []
     for doc in docs:

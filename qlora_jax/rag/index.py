@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qlora_jax.rag.chunking import Chunk, chunk_documents, chunk_spans
+from qlora_jax.rag.chunking import CHUNK_WORDS, OVERLAP_WORDS, Chunk, chunk_documents, chunk_spans
 from qlora_jax.rag.errors import RagError
 from qlora_jax.rag.loaders import DEFAULT_MAX_BYTES, Document, documents_from_bytes, load_corpus
 
@@ -55,7 +55,7 @@ class RagIndex:
     searches take a lock.
     """
 
-    def __init__(self, embedder=None, *, chunk_words: int = 120, overlap_words: int = 20):
+    def __init__(self, embedder=None, *, chunk_words: int = CHUNK_WORDS, overlap_words: int = OVERLAP_WORDS):
         import faiss
 
         if embedder is None:
@@ -81,10 +81,19 @@ class RagIndex:
             out[c.source] = out.get(c.source, 0) + 1
         return out
 
+    def copy(self) -> RagIndex:
+        """An independent copy (same embedder): add to it, then swap it in."""
+        import faiss
+
+        with self._lock:
+            other = RagIndex(self.embedder, chunk_words=self.chunk_words, overlap_words=self.overlap_words)
+            other.chunks, other.faiss, other.version = list(self.chunks), faiss.clone_index(self.faiss), self.version
+        return other
+
     # -- adding ---------------------------------------------------------------------------------
     @classmethod
     def build(cls, paths: str | os.PathLike | Sequence[str | os.PathLike], embedder=None, *,
-              chunk_words: int = 120, overlap_words: int = 20, max_bytes: int = DEFAULT_MAX_BYTES,
+              chunk_words: int = CHUNK_WORDS, overlap_words: int = OVERLAP_WORDS, max_bytes: int = DEFAULT_MAX_BYTES,
               progress: bool = False) -> RagIndex:
         """An index of every file under ``paths`` (files or directories)."""
         index = cls(embedder, chunk_words=chunk_words, overlap_words=overlap_words)
@@ -109,7 +118,10 @@ class RagIndex:
 
     def add_bytes(self, name: str, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
         """Add an uploaded file's contents (type from ``name``'s suffix)."""
-        return self.add_documents(documents_from_bytes(name, data, max_bytes=max_bytes))
+        docs = documents_from_bytes(name, data, max_bytes=max_bytes)
+        if not docs:
+            raise RagError(f"{name}: the file has no text to index")
+        return self.add_documents(docs)
 
     # -- searching ------------------------------------------------------------------------------
     def search(self, queries: str | Sequence[str], k: int = 3) -> list[Hit] | list[list[Hit]]:
