@@ -134,6 +134,18 @@ def max_similarity(train: np.ndarray, target: np.ndarray, block: int = 4096) -> 
     return out
 
 
+def check_select(names: Sequence[str], *, on: str, mode: str, threshold: float, top_k: int) -> None:
+    """Raise :class:`DataError` naming the ``select.*`` key that cannot work with targets ``names``."""
+    if on != "mean" and on not in names:
+        raise DataError(f"select.on={on!r}: expected 'mean' or one of the targets {sorted(names)}")
+    if mode not in MODES:
+        raise DataError(f"select.mode={mode!r}: expected one of {MODES}")
+    if mode == "threshold" and not -1.0 <= threshold <= 1.0:
+        raise DataError(f"select.threshold={threshold}: a cosine similarity lies in [-1, 1]")
+    if mode == "top_k" and top_k < 1:
+        raise DataError(f"select.top_k={top_k}: must be >= 1 with select.mode='top_k'")
+
+
 def select(scores: Mapping[str, np.ndarray], *, on: str = "mean", mode: str = "threshold",
            threshold: float = 0.5, top_k: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
     """``(kept row indices in file order, the score used, the cut)``.
@@ -142,23 +154,12 @@ def select(scores: Mapping[str, np.ndarray], *, on: str = "mean", mode: str = "t
     score >= threshold. ``top_k``: keep the k highest (ties to the earlier row); the cut is the
     k-th score.
     """
-    if on == "mean":
-        used = np.mean(np.stack(list(scores.values())), axis=0)
-    elif on in scores:
-        used = np.asarray(scores[on])
-    else:
-        raise DataError(f"select.on={on!r}: expected 'mean' or one of the targets {sorted(scores)}")
+    check_select(list(scores), on=on, mode=mode, threshold=threshold, top_k=top_k)
+    used = np.mean(np.stack(list(scores.values())), axis=0) if on == "mean" else np.asarray(scores[on])
     if mode == "threshold":
-        if not -1.0 <= threshold <= 1.0:
-            raise DataError(f"select.threshold={threshold}: a cosine similarity lies in [-1, 1]")
-        kept = np.flatnonzero(used >= threshold)
-        return kept, used, float(threshold)
-    if mode == "top_k":
-        if top_k < 1:
-            raise DataError(f"select.top_k={top_k}: must be >= 1 with select.mode='top_k'")
-        order = np.lexsort((np.arange(len(used)), -used))[:top_k]  # best first, ties to the earlier row
-        return np.sort(order), used, float(used[order[-1]])
-    raise DataError(f"select.mode={mode!r}: expected one of {MODES}")
+        return np.flatnonzero(used >= threshold), used, float(threshold)
+    order = np.lexsort((np.arange(len(used)), -used))[:top_k]  # best first, ties to the earlier row
+    return np.sort(order), used, float(used[order[-1]])
 
 
 def plot_histogram(scores: Mapping[str, np.ndarray], used_name: str, cut: float, kept: int, path: Path) -> None:
@@ -222,10 +223,8 @@ def run(cfg) -> dict[str, Any]:
     t0 = time.perf_counter()
     split = lambda s: tuple(f.strip() for f in str(s).split(",") if f.strip())
     targets = parse_targets(cfg.targets)
-    if cfg.select.on != "mean" and cfg.select.on not in targets:
-        raise DataError(f"select.on={cfg.select.on!r}: expected 'mean' or one of the targets {sorted(targets)}")
-    if cfg.select.mode not in MODES:
-        raise DataError(f"select.mode={cfg.select.mode!r}: expected one of {MODES}")
+    check_select(list(targets), on=cfg.select.on, mode=cfg.select.mode, threshold=cfg.select.threshold,
+                 top_k=cfg.select.top_k)  # before the slow part
     records, train_texts = read_samples(cfg.data.train, split(cfg.data.text_fields))
     named = {"train": train_texts}
     for name, path in targets.items():
