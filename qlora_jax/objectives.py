@@ -1,9 +1,11 @@
 """Training objectives: pure functions of (hidden states or logits, batch).
 
 The vocabulary projection is the largest activation of a small-model step ([batch, seq, vocab]
-float32 logits: 4 x 256 x 49152 x 4 B = 201 MB for SmolLM2), so the SFT loss takes the final
-hidden states and the head weight and works through the tokens in chunks, recomputing each
-chunk's logits in the backward pass instead of keeping them.
+float32 logits: 4 x 256 x 49152 x 4 B = 201 MB for SmolLM2), so the losses take the final
+hidden states and the head weight and work through the tokens in chunks. Each chunk's gradient
+with respect to the hidden states is formed in the forward pass (a fused linear cross-entropy),
+so logits are neither kept for, nor recomputed in, the backward pass; chunks holding no loss
+position are skipped.
 """
 
 from __future__ import annotations
@@ -20,31 +22,103 @@ def _chunk_nll(h: jax.Array, w: jax.Array, t: jax.Array) -> jax.Array:
     return lse - picked
 
 
+def _chunk_nll_and_grad(h: jax.Array, w: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(nll [c], d nll / d h [c, d])`` for one chunk: the gradient is ``(softmax - onehot(t)) @ w``."""
+    logits = jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+    p = jnp.exp(logits - lse[:, None])
+    p = p - jax.nn.one_hot(t, p.shape[-1], dtype=p.dtype)
+    dh = jnp.einsum("cv,vd->cd", p.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    return lse - picked, dh.astype(h.dtype)
+
+
+def _map_chunks(h, w, t, live, with_grad: bool):
+    """Per-chunk NLL (and its gradient) over ``[n_chunks, c, ...]``; a chunk with no live position
+    skips its vocabulary projection (``lax.cond``)."""
+    c, d = h.shape[1], h.shape[2]
+
+    def one(args):
+        hc, tc, lc = args
+        if with_grad:
+            skip = lambda: (jnp.zeros(c, jnp.float32), jnp.zeros((c, d), h.dtype))  # noqa: E731
+            return jax.lax.cond(jnp.any(lc), lambda: _chunk_nll_and_grad(hc, w, tc), skip)
+        return jax.lax.cond(jnp.any(lc), lambda: _chunk_nll(hc, w, tc), lambda: jnp.zeros(c, jnp.float32))
+
+    return jax.lax.map(one, (h, t, live))
+
+
+@jax.custom_vjp
+def _chunked_nll(h: jax.Array, w: jax.Array, t: jax.Array, live: jax.Array) -> jax.Array:
+    return _map_chunks(h, w, t, live, with_grad=False)
+
+
+def _chunked_nll_fwd(h, w, t, live):
+    nll, dh = _map_chunks(h, w, t, live, with_grad=True)
+    return nll, dh
+
+
+def _chunked_nll_bwd(dh, g):
+    # d loss / d h = g * (softmax - onehot) @ w, with the second factor computed in the forward
+    # pass. The head weight is frozen (tied embedding or lm_head): no gradient for it.
+    return (g[..., None].astype(dh.dtype) * dh, None, None, None)
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
+
+
+def _ordered_nll(hidden, head_weight, targets, loss_mask, chunk_size):
+    """Per-token NLL ``[batch, seq]`` float32, zero where ``loss_mask`` is 0 (all live if None).
+
+    Live positions are gathered first (a stable argsort), cut into chunks of ``chunk_size``, and
+    chunks without a live position skip the vocabulary projection, so a batch whose loss covers
+    only completions pays for the completion tokens only. Shapes stay static (no recompilation
+    per batch). Under differentiation each chunk computes its gradient ``(softmax - onehot) @ W``
+    in the forward pass: the ``[chunk, vocab]`` logits are never kept and never recomputed, and
+    the backward pass is one scaling of the saved ``[tokens, d]`` gradient.
+    """
+    hidden, targets = jnp.asarray(hidden), jnp.asarray(targets)
+    b, s, d = hidden.shape
+    n = b * s
+    chunk = min(chunk_size, n)
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    h = hidden.reshape(n, d)
+    t = targets.reshape(n)
+    if loss_mask is None:
+        live = jnp.ones((n,), bool)
+        order = None
+    else:
+        live = jnp.asarray(loss_mask).reshape(n) > 0
+        order = jnp.argsort(jnp.logical_not(live), stable=True)  # live positions first, else in order
+        h, t, live = h[order], t[order], live[order]
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, d)
+    t = jnp.pad(t, (0, pad)).reshape(n_chunks, chunk)
+    live = jnp.pad(live, (0, pad)).reshape(n_chunks, chunk)
+    nll = (_chunked_nll(h, head_weight, t, live) * live).reshape(-1)[:n]
+    if order is not None:
+        nll = jnp.zeros_like(nll).at[order].set(nll)
+    return nll.reshape(b, s)
+
+
 def token_nll(
     hidden: jax.Array,
     head_weight: jax.Array,
     targets: jax.Array,
+    loss_mask: jax.Array | None = None,
     *,
     chunk_size: int = 512,
 ) -> jax.Array:
     """Per-token negative log-likelihood, float32 [batch, seq].
 
     hidden:      [batch, seq, d] final (normed) hidden states.
-    head_weight: [vocab, d] the lm_head (or tied embedding) weight.
+    head_weight: [vocab, d] the lm_head (or tied embedding) weight (frozen: no gradient).
     targets:     [batch, seq] int next-token ids (any value where the loss is masked).
-    The full [batch, seq, vocab] logits never exist: ``chunk_size`` tokens at a time, with the
-    chunk's logits recomputed in the backward pass.
+    loss_mask:   optional [batch, seq]; where it is 0 the result is 0 and no projection is done
+                 for a chunk made only of such positions.
+    The full [batch, seq, vocab] logits never exist: ``chunk_size`` tokens at a time.
     """
-    b, s, d = hidden.shape
-    n = b * s
-    chunk = min(chunk_size, n)
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(n_chunks, chunk, d)
-    t = jnp.pad(targets.reshape(n), (0, pad)).reshape(n_chunks, chunk)
-    body = jax.checkpoint(_chunk_nll, prevent_cse=False)
-    nll = jax.lax.map(lambda ht: body(ht[0], head_weight, ht[1]), (h, t))
-    return nll.reshape(-1)[:n].reshape(b, s)
+    return _ordered_nll(hidden, head_weight, targets, loss_mask, chunk_size)
 
 
 def masked_nll_sum(
@@ -60,8 +134,8 @@ def masked_nll_sum(
     Returning the sum and the count, not the mean, lets gradient accumulation weight every token
     equally across micro-batches: loss = sum_i nll_i / sum_i count_i.
     """
-    nll = token_nll(hidden, head_weight, targets, chunk_size=chunk_size)
-    mask = loss_mask.astype(jnp.float32)
+    mask = jnp.asarray(loss_mask).astype(jnp.float32)
+    nll = _ordered_nll(hidden, head_weight, targets, mask, chunk_size)
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
@@ -75,27 +149,8 @@ def sequence_logprob(
 ) -> jax.Array:
     """Sum over masked positions of log p(target), per sequence: [batch] float32 (for DPO).
 
-    Only masked positions need the vocabulary projection (in preference data the prompt, which is
-    most of a sequence, carries no loss). Positions are reordered masked-first, cut into chunks, and
-    a chunk without a masked position skips its projection (``lax.cond``), in the forward and the
-    backward pass; shapes stay static, so no recompilation per batch.
+    Only masked positions pay for the vocabulary projection (in preference data the prompt, which
+    is most of a sequence, carries no loss).
     """
-    hidden, targets, loss_mask = jnp.asarray(hidden), jnp.asarray(targets), jnp.asarray(loss_mask)
-    b, s, d = hidden.shape
-    n = b * s
-    chunk = min(chunk_size, n)
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    live = loss_mask.reshape(n) > 0
-    order = jnp.argsort(jnp.logical_not(live), stable=True)  # masked positions first, else in order
-    h = jnp.pad(hidden.reshape(n, d)[order], ((0, pad), (0, 0))).reshape(n_chunks, chunk, d)
-    t = jnp.pad(targets.reshape(n)[order], (0, pad)).reshape(n_chunks, chunk)
-    m = jnp.pad(live[order], (0, pad)).reshape(n_chunks, chunk)
-    body = jax.checkpoint(_chunk_nll, prevent_cse=False)
-
-    def one(args):
-        hc, tc, mc = args
-        return jax.lax.cond(jnp.any(mc), lambda: body(hc, head_weight, tc) * mc, lambda: jnp.zeros(chunk, jnp.float32))
-
-    nll = jax.lax.map(one, (h, t, m)).reshape(-1)[:n]
-    return -jax.ops.segment_sum(nll, order // s, num_segments=b)
+    mask = jnp.asarray(loss_mask).astype(jnp.float32)
+    return -jnp.sum(_ordered_nll(hidden, head_weight, targets, mask, chunk_size) * mask, axis=-1)

@@ -78,6 +78,41 @@ def _frozen_matmul_bwd(w, g):
 frozen_matmul.defvjp(_frozen_matmul_fwd, _frozen_matmul_bwd)
 
 
+@jax.custom_vjp
+def lora_matmul(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+    """The adapter's output ``(x A^T) B^T * scale``: ``x [..., in]``, ``a [r, in]``, ``b [out, r]``.
+
+    The custom VJP writes the backward pass as the four matmuls it is, each with its operands
+    in their stored row-major layouts: the weight gradients contract over tokens as
+    ``[r, T] @ [T, out]``, so only the thin ``[T, r]`` factor is transposed and the ``[T, out]``
+    output gradient is read in place. Left to autodiff, XLA's CPU backend transposes that big
+    gradient for the ``dB`` matmul and fuses the transpose into the elementwise ops producing it
+    (the SiLU backward in the MLP), a write pattern measured at up to ~20% of a SmolLM2 step.
+    ``scale`` (``alpha/r`` times an optional 0/1 layer gate) gets no gradient.
+    """
+    return jnp.einsum("...r,or->...o", jnp.einsum("...i,ri->...r", x, a), b) * scale
+
+
+def _lora_matmul_fwd(x, a, b, scale):
+    xa = jnp.einsum("...i,ri->...r", x, a)
+    return jnp.einsum("...r,or->...o", xa, b) * scale, (x, xa, a, b, scale)
+
+
+def _lora_matmul_bwd(res, g):
+    x, xa, a, b, scale = res
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = g.reshape(-1, g.shape[-1])
+    xa_s = xa.reshape(-1, xa.shape[-1]) * scale          # [T, r]
+    g_xa = jnp.einsum("to,or->tr", g2, b) * scale         # [T, r]: gradient of x A^T
+    db = jnp.einsum("tr,to->ro", xa_s, g2).T              # [r, out] -> [out, r]
+    da = jnp.einsum("tr,ti->ri", g_xa, x2)                # [r, in]
+    dx = jnp.einsum("tr,ri->ti", g_xa, a).reshape(x.shape)
+    return dx, da, db, jnp.zeros_like(scale)
+
+
+lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
+
+
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     if key is None or rate == 0.0:
         return x
@@ -142,11 +177,10 @@ class QLoRALinear(nnx.Module):
             xd = _dropout(x, self.lora_config.dropout, dropout_key)
             a = self.lora_a.get_value().astype(self.dtype)  # [r, in]
             b = self.lora_b.get_value().astype(self.dtype)  # [out, r]
-            delta = jnp.einsum("...r,or->...o", jnp.einsum("...i,ri->...r", xd, a), b)
-            delta = delta * jnp.asarray(self.scale, self.dtype)
+            scale = jnp.asarray(self.scale, self.dtype)
             if lora_gate is not None:
-                delta = delta * lora_gate.astype(self.dtype)
-            y = y + delta
+                scale = scale * lora_gate.astype(self.dtype)
+            y = y + lora_matmul(xd, a, b, scale)
         return y
 
     # Inspection (host-side, float32 numpy): used by merging and export.
