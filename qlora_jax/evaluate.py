@@ -414,12 +414,18 @@ def retrieve_passages(rag_cfg, items: Sequence[MCQItem]) -> tuple[list[list[str]
 
     t0 = time.perf_counter()
     if rag_cfg.index:
-        index, where = RagIndex.load(rag_cfg.index), str(rag_cfg.index)
+        try:
+            index, where = RagIndex.load(rag_cfg.index), str(rag_cfg.index)
+        except RagError as err:
+            raise RagError(f"rag.index: {err}") from None
     else:
         corpus = [p.strip() for p in str(rag_cfg.corpus).split(",") if p.strip()]
         if not corpus:
             raise RagError("rag.enabled=True needs rag.index (a saved index) or rag.corpus (files/directories)")
-        index = RagIndex.build(corpus, chunk_words=rag_cfg.chunk_words, overlap_words=rag_cfg.overlap_words)
+        try:
+            index = RagIndex.build(corpus, chunk_words=rag_cfg.chunk_words, overlap_words=rag_cfg.overlap_words)
+        except RagError as err:
+            raise RagError(f"rag.corpus: {err}") from None
         where = ",".join(corpus)
     hits = index.search([it.question for it in items], k=rag_cfg.top_k)
     passages = [[h.chunk.text for h in row] for row in hits]

@@ -146,6 +146,7 @@ def test_sample_text_by_format():
     assert sample_text(TRAIN[3]) == "What is the chemical symbol for gold?\nAu"
     assert sample_text(TRAIN[4]) == "Which planet is closest to the Sun?\nMercury\nVenus"
     assert sample_text({"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}], "rejected": "r"}) == "p\nc"
+    assert sample_text({"prompt": "Is it good?", "label": "yes"}) == "Is it good?"
     assert sample_text(TRAIN[0], ["input"]) == "Mina Berg, 61, lives in Oslo."
     with pytest.raises(DataError, match=r"row 7: cannot tell which fields.*text_fields"):
         sample_text({"foo": 1}, where="row 7")

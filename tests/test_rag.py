@@ -311,7 +311,7 @@ def test_rag_prompts_scored_as_transformers_scores_them(tmp_path, corpus_index):
     assert format_context(["best", "second"]) == "second\nbest"
 
     cfg.rag.index = str(tmp_path / "missing")
-    with pytest.raises(RagError, match="no retrieval index here"):
+    with pytest.raises(RagError, match="rag.index: .*missing: no retrieval index here"):
         run(cfg)
     cfg.rag.index, cfg.rag.template = str(tmp_path / "ix"), "{context} {question}"
     with pytest.raises(RagError, match="unknown field"):

@@ -47,8 +47,7 @@ AUTO_FIELDS = (
     (("messages",), ()),  # chat
     (("question",), ("choices",)),  # multiple choice
     (("instruction",), ("input", "output")),  # alpaca
-    (("prompt", "completion"), ()),  # prompt / completion
-    (("prompt", "chosen"), ()),  # preference pairs: the prompt and the preferred answer
+    (("prompt",), ("completion", "chosen")),  # prompt / completion; preference: prompt + preferred answer
     (("text",), ()),
     (("content",), ()),
 )
