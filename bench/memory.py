@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--r", type=int, default=32)
-    p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"])
+    p.add_argument("--remat", default="full", choices=["none", "projections", "full", "dots", "dots_no_batch"])
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor")
     p.add_argument("--json", action="store_true", help="print one JSON line")

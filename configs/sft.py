@@ -23,7 +23,9 @@ def get_config() -> ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 on CPU, bfloat16 on GPU/TPU
     c.model.param_dtype = "float32"  # storage of unquantized weights (embeddings, norms)
     c.model.init_from = ""  # a previous run's workdir: start from its newest adapters (stage handoff)
-    c.model.remat = "none"  # per decoder layer: "none" | "full" (recompute it in the backward pass) | "dots" | "dots_no_batch"
+    # per decoder layer: "projections" (keep projection outputs, recompute norms, attention
+    # probabilities, SiLU) | "none" | "full" (recompute everything) | "dots" | "dots_no_batch"
+    c.model.remat = "projections"
 
     c.lora = ConfigDict()
     c.lora.r = 16  # adapter rank

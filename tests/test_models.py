@@ -443,7 +443,7 @@ def test_model_backward_saves_no_dense_weight_with_or_without_remat():
     hf_model, hf_cfg = tiny_hf("llama3-rope")
     ids = jnp.asarray(random_ids(2, 12))
     grads = {}
-    for remat_policy in ("none", "full"):
+    for remat_policy in ("none", "full", "projections"):
         cfg = ModelConfig.from_hf(hf_cfg, remat_policy=remat_policy)
         model = build_model(cfg, hf_tensors(hf_model), quant=QuantConfig(), lora=LoraConfig(r=4),
                             dtype=jnp.float32)
@@ -459,5 +459,9 @@ def test_model_backward_saves_no_dense_weight_with_or_without_remat():
         assert residuals  # the check looks at something
         assert not [s for s, _ in residuals if s[-2:] in dense], (remat_policy, residuals)
         grads[remat_policy] = jax.tree.leaves(grad)
-    for a, b in zip(grads["none"], grads["full"]):  # remat changes memory, not results
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+        seq = ids.shape[1]
+        scores = [s for s, _ in residuals if s[-2:] == (seq, seq)]  # attention scores/probabilities
+        assert bool(scores) == (remat_policy == "none"), (remat_policy, residuals)
+    for policy in ("full", "projections"):  # remat changes memory, not results
+        for a, b in zip(grads["none"], grads[policy]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)

@@ -23,7 +23,7 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "projections", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("jax", "einsum")
 
 # HF defaults of optional keys, per family (transformers 5.x configuration_*.py).
@@ -90,7 +90,7 @@ class ModelConfig:
     qk_norm: bool = False  # per-head RMSNorm of queries and keys (qwen3)
     hidden_act: str = "silu"
     # Runtime knobs, not part of the HF config.
-    remat_policy: str = "none"  # per decoder layer: "none" | "full" | "dots" | "dots_no_batch"
+    remat_policy: str = "none"  # per decoder layer: "none" | "projections" | "full" | "dots" | "dots_no_batch"
     attention_impl: str = "jax"  # "jax" (jax.nn.dot_product_attention) | "einsum"
 
     def __post_init__(self):

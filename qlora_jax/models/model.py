@@ -38,12 +38,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax import lora as lora_lib
 from qlora_jax.models import kv_cache, layers
 from qlora_jax.models.config import ModelConfig, QuantConfig
 
+# Residuals kept by the "projections" policy: the outputs of the q/k/v and gate/up projections
+# (frozen matmul plus adapter) and the attention output. Everything else in a layer (norms, rope,
+# attention scores and probabilities, SiLU, the down-projection input) is recomputed from them
+# in the backward pass: elementwise work and the attention matmuls, never a projection.
+SAVED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "gate_proj", "up_proj")
+
 _REMAT_POLICIES = {
+    "projections": jax.checkpoint_policies.save_only_these_names(*SAVED_PROJECTIONS),
     "full": None,  # save only the layer's inputs; recompute everything else
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -83,16 +91,16 @@ class Attention(nnx.Module):
         """
         b, s, _ = x.shape
         c = self.config
-        q = self.q_proj(x, **lora_kw["q_proj"]).reshape(b, s, c.num_attention_heads, c.head_dim)
-        k = self.k_proj(x, **lora_kw["k_proj"]).reshape(b, s, c.num_key_value_heads, c.head_dim)
-        v = self.v_proj(x, **lora_kw["v_proj"]).reshape(b, s, c.num_key_value_heads, c.head_dim)
+        q = checkpoint_name(self.q_proj(x, **lora_kw["q_proj"]), "q_proj").reshape(b, s, c.num_attention_heads, c.head_dim)
+        k = checkpoint_name(self.k_proj(x, **lora_kw["k_proj"]), "k_proj").reshape(b, s, c.num_key_value_heads, c.head_dim)
+        v = checkpoint_name(self.v_proj(x, **lora_kw["v_proj"]), "v_proj").reshape(b, s, c.num_key_value_heads, c.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
         if kv is not None:
             k_all, v_all, k, v = kv_cache.write_layer(*kv, k, v)
         out = layers.attention(q, k, v, mask, impl=c.attention_impl)  # [b, s, heads, head_dim]
-        out = self.o_proj(out.reshape(b, s, c.q_size), **lora_kw["o_proj"])
+        out = self.o_proj(checkpoint_name(out.reshape(b, s, c.q_size), "attn_out"), **lora_kw["o_proj"])
         return out if kv is None else (out, (k_all, v_all))
 
 
@@ -109,8 +117,8 @@ class MLP(nnx.Module):
                 dtype=dtype, param_dtype=param_dtype, rngs=rngs))
 
     def __call__(self, x, *, lora_kw: dict[str, dict]) -> jax.Array:
-        gate = self.gate_proj(x, **lora_kw["gate_proj"])
-        up = self.up_proj(x, **lora_kw["up_proj"])
+        gate = checkpoint_name(self.gate_proj(x, **lora_kw["gate_proj"]), "gate_proj")
+        up = checkpoint_name(self.up_proj(x, **lora_kw["up_proj"]), "up_proj")
         return self.down_proj(jax.nn.silu(gate) * up, **lora_kw["down_proj"])
 
 
