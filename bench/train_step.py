@@ -27,7 +27,8 @@ peak RSS of the side's process (VmHWM: loading, quantization, compilation and tr
 included); for the JAX sides XLA's ``memory_analysis()`` of the compiled step (arguments =
 frozen base + adapters + optimizer state + batch, temporaries, and their sum, the issue's
 "compiled step memory"); the losses of every step (step 0 is the untrained model: the sides
-must agree there up to NF4 rounding differences, and the loss must fall).
+must agree there up to NF4 rounding differences, and the loss must fall). The unquantized
+float32 model's loss on the batch (transformers) is printed beside them.
 
 FLOPs are counted analytically, the same for every side (``bench/_train_sides/flops.py``;
 model FLOPs, remat not counted):
@@ -196,6 +197,9 @@ def report(result: dict[str, Any]) -> str:
             lines.append(f"matmul ceiling {tag} (jit {c['n']}^3 {c['dtype']} on {c['platform']}): "
                          f"best {c['best_gflops']:.1f} GFLOP/s, median {c['median_gflops']:.1f}")
     ceiling = max((c["best_gflops"] for c in ceilings), default=None)
+    ref = result.get("reference") or {}
+    if "loss" in ref:
+        lines.append(f"step-0 reference: unquantized float32 model (transformers), loss {ref['loss']:.4f}")
     lines.append(f"load average (1/5/15 min): start {result['loadavg_start']}, end {result['loadavg_end']}; "
                  f"{result['cpu_count']} CPUs")
     lines.append("")
@@ -287,6 +291,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=None, help="seconds per side")
     p.add_argument("--workdir", type=Path, default=None, help="specs, records and logs (default: a temp dir)")
     p.add_argument("--verbose", action="store_true", help="echo the sides' whole stderr")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the unquantized float32 step-0 loss (transformers, a few seconds)")
     args = p.parse_args()
     if args.quick:
         args.layers = args.layers or 2
@@ -323,6 +329,9 @@ def main() -> None:
         "flops": step_flops(config, batch=args.batch, seq=args.seq, r=args.r),
         "loadavg_start": loadavg_start, "cpu_count": os.cpu_count(), "ceiling": [], "sides": [],
     }
+    if not args.no_reference:
+        result["reference"] = run_child("reference", SIDES_DIR / "reference.py", sys.executable, spec, workdir,
+                                        args.verbose, args.timeout)
     result["ceiling"].append(run_child("ceiling", ceiling_script, sys.executable, spec, workdir, args.verbose,
                                        args.timeout, name="ceiling_before"))
     for side in sides:
