@@ -16,9 +16,10 @@ All three train the same weights (SmolLM2-135M-Instruct from the built-in GGUF, 
 float32 safetensors once, under ``--cache``), with LoRA r/alpha on q,k,v,o,gate,up,down
 (dropout 0), AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0.01, constant lr) after clipping
 to global norm 0.3, on one fixed random ``[batch, seq]`` batch, with the same loss: mean
-next-token cross-entropy over the batch·(seq-1) positions that have a next token. No side
-recomputes layers (no remat / gradient checkpointing). Compute is float32 on CPU and bfloat16
-on GPU/TPU (``--dtype auto``).
+next-token cross-entropy over the batch·(seq-1) positions that have a next token. The peers
+recompute nothing (no gradient checkpointing); ours uses configs/sft.py's remat policy (the
+trainer's default; ``--ours-remat``): recomputation is each implementation's own choice.
+Compute is float32 on CPU and bfloat16 on GPU/TPU (``--dtype auto``).
 
 Per side: tokens/s = batch·seq / median step time over ``--steps`` timed steps (after
 ``--warmup`` untimed ones; each step ends with a host sync on its loss); compile seconds (JAX:
@@ -188,7 +189,8 @@ def report(result: dict[str, Any]) -> str:
     lines.append(
         f"QLoRA train step: {s['model_name']} ({s['layers']} layers), batch {s['batch']} x seq {s['seq']}, "
         f"LoRA r={s['r']} alpha={s['alpha']:g} on q,k,v,o,gate,up,down, AdamW lr {s['lr']:g} wd "
-        f"{s['weight_decay']:g} + clip {s['max_grad_norm']:g}; {s['steps']} timed steps after {s['warmup']} warm-up")
+        f"{s['weight_decay']:g} + clip {s['max_grad_norm']:g}; {s['steps']} timed steps after {s['warmup']} warm-up; "
+        f"ours with remat {s['ours_remat']!r}")
     lines.append(f"model FLOPs per step (analytic): {fl['total'] / 1e9:.1f} GFLOP = {fl['per_token'] / 1e6:.1f} "
                  f"MFLOP/token x {s['batch'] * s['seq']} tokens")
     ceilings = [c for c in result["ceiling"] if "best_gflops" in c]
@@ -285,8 +287,9 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the shared float32 weights are kept")
     p.add_argument("--json", type=Path, default=None, help="write every record and the table's figures here")
     p.add_argument("--qwix-python", default=None, help="interpreter with qwix + google-tunix (default: .venv-qwix)")
-    p.add_argument("--ours-remat", default="none", choices=["none", "full", "dots", "dots_no_batch"],
-                   help="qlora_jax's per-layer remat (the peers recompute nothing)")
+    p.add_argument("--ours-remat", default="sft-config",
+                   help='qlora_jax\'s per-layer remat policy (none, projections, full, ...); default "sft-config": '
+                        "configs/sft.py's model.remat, what `python -m qlora_jax.train` runs (the peers recompute nothing)")
     p.add_argument("--ceiling-n", type=int, default=None, help="matmul size (default 2048 CPU / 8192 accelerators)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per side")
     p.add_argument("--workdir", type=Path, default=None, help="specs, records and logs (default: a temp dir)")
@@ -309,6 +312,11 @@ def main() -> None:
 
     import numpy as np
 
+    if args.ours_remat == "sft-config":
+        sys.path.insert(0, str(REPO))
+        from configs.sft import get_config
+
+        args.ours_remat = get_config().model.remat
     loadavg_start = [round(x, 2) for x in os.getloadavg()]
     model_dir = prepare_model_dir(args.model, args.cache, args.layers)
     config = json.loads((model_dir / "config.json").read_text())

@@ -81,7 +81,7 @@ def main() -> None:
     common.finish(spec, {
         "side": "ours", "impl": "qlora_jax NF4+DQ (blocksize 64) + LoRA, trainer step",
         "platform": device.platform, "device": device.device_kind, "dtype": dtype,
-        "jax": jax.__version__, "trainable_params": n_trainable, "load_s": load_s,
+        "jax": jax.__version__, "remat": spec.get("ours_remat", "none"), "trainable_params": n_trainable, "load_s": load_s,
         "rss_after_load_mib": rss_after_load, "compile_s": compile_s, "memory": memory, **timing,
     })
 

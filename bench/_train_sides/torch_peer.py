@@ -3,8 +3,8 @@
 The model directory is loaded with ``BitsAndBytesConfig(load_in_4bit=True,
 bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=<dtype>)``
 (bitsandbytes' blocksize 64), then ``peft.get_peft_model`` adds LoRA on the seven projections
-(dropout 0). No ``prepare_model_for_kbit_training`` (it would turn on gradient checkpointing;
-no side recomputes layers). The step is the textbook one: ``model(input_ids,
+(dropout 0). No ``prepare_model_for_kbit_training`` (it would turn on gradient
+checkpointing, which costs this peer time). The step is the textbook one: ``model(input_ids,
 labels=input_ids).loss`` (transformers shifts the labels: mean over batch x (seq - 1)
 positions), ``backward``, ``clip_grad_norm_``, ``torch.optim.AdamW`` over the trainable
 parameters, ``zero_grad(set_to_none=True)``. Attention is transformers' default (sdpa). On a
