@@ -3,7 +3,8 @@
 ``run(config)`` is what ``python -m qlora_jax.train --config configs/sft.py`` calls. It resumes
 automatically from the newest checkpoint in ``config.workdir``. ``config.objective`` picks the
 objective: "sft" (token NLL on completions) or "dpo" (preference pairs, ``train/preference.py``);
-both share the step, optimizer, checkpoints, metrics and export.
+both share the step, optimizer, checkpoints, metrics and export. "grpo" (sampled groups scored by
+reward functions) runs its own loop around the same step and checkpoints (``train/grpo_run.py``).
 """
 
 from __future__ import annotations
@@ -132,6 +133,10 @@ def _progress(total: int, initial: int):
 
 
 def run(cfg: ConfigDict) -> dict[str, Any]:
+    if cfg.get("objective", "sft") == "grpo":  # sampling and rewards: its own loop around the same step
+        from qlora_jax.train.grpo_run import run_grpo
+
+        return run_grpo(cfg)
     validate_config(cfg)
     workdir = Path(cfg.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -287,13 +292,20 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
     last_eval = None  # (step, metrics) of the newest evaluation in the loop
     try:
         with loop.GracefulExit() as stop:
+            def next_batch():
+                """The next step's batch, its real-token count and the data position after it."""
+                host = loop.stack_microbatches([next(it) for _ in range(accum)], pad_id)
+                return (loop.process_local_batch(host, fns.batch_sharding),
+                        float((host["segment_ids"] > 0).sum()), it.state())
+
+            upcoming = next_batch() if step < total_steps else None
             while step < total_steps and not stopper.stopped:
-                micro = [next(it) for _ in range(accum)]
-                batch = loop.stack_microbatches(micro, pad_id)
-                tokens_in_batch = float((batch["segment_ids"] > 0).sum())
-                batch = loop.process_local_batch(batch, fns.batch_sharding)
+                batch, tokens_in_batch, data_state = upcoming
                 key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(base_key), step)))
                 lora_state, opt_state, m = fns.train_step(lora_state, opt_state, rest, batch, key, *step_extra)
+                # The step runs asynchronously: build the next batch on the host meanwhile, then
+                # wait for this step's scalars (the only device -> host transfer of a step).
+                upcoming = next_batch() if step + 1 < total_steps else None
                 m = jax.device_get(m)
                 if not bool(m["finite"]):
                     failure = step + 1
@@ -327,7 +339,7 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
                         or stopper.stopped):
                     rng = jax.make_array_from_process_local_data(repl, base_key)
                     train_state = {"opt_state": opt_state, "rng": rng}
-                    meta = {"step": step, "data": it.state(), "lora": record}
+                    meta = {"step": step, "data": data_state, "lora": record}
                     if objective.frozen_adapters:
                         train_state["ref_lora"] = ref_lora
                     if dpo:
