@@ -190,7 +190,8 @@ def report(result: dict[str, Any]) -> str:
         f"QLoRA train step: {s['model_name']} ({s['layers']} layers), batch {s['batch']} x seq {s['seq']}, "
         f"LoRA r={s['r']} alpha={s['alpha']:g} on q,k,v,o,gate,up,down, AdamW lr {s['lr']:g} wd "
         f"{s['weight_decay']:g} + clip {s['max_grad_norm']:g}; {s['steps']} timed steps after {s['warmup']} warm-up; "
-        f"ours with remat {s['ours_remat']!r}")
+        f"ours with remat {s['ours_remat']!r}"
+        + (f"; each side's fastest of {s['repeat']} runs (alternating order)" if s.get("repeat", 1) > 1 else ""))
     lines.append(f"model FLOPs per step (analytic): {fl['total'] / 1e9:.1f} GFLOP = {fl['per_token'] / 1e6:.1f} "
                  f"MFLOP/token x {s['batch'] * s['seq']} tokens")
     ceilings = [c for c in result["ceiling"] if "best_gflops" in c]
@@ -199,6 +200,9 @@ def report(result: dict[str, Any]) -> str:
             lines.append(f"matmul ceiling {tag} (jit {c['n']}^3 {c['dtype']} on {c['platform']}): "
                          f"best {c['best_gflops']:.1f} GFLOP/s, median {c['median_gflops']:.1f}")
     ceiling = max((c["best_gflops"] for c in ceilings), default=None)
+    if len(ceilings) == 2 and max(c["best_gflops"] for c in ceilings) > 1.25 * min(c["best_gflops"] for c in ceilings):
+        lines.append("WARNING: the ceiling moved by more than 25% during the run (other load on the machine): "
+                     "the sides ran under different conditions; re-run (or use --repeat) before trusting ratios")
     ref = result.get("reference") or {}
     if "loss" in ref:
         lines.append(f"step-0 reference: unquantized float32 model (transformers), loss {ref['loss']:.4f}")
@@ -291,6 +295,9 @@ def main() -> None:
                    help='qlora_jax\'s per-layer remat policy (none, projections, full, ...); default "sft-config": '
                         "configs/sft.py's model.remat, what `python -m qlora_jax.train` runs (the peers recompute nothing)")
     p.add_argument("--ceiling-n", type=int, default=None, help="matmul size (default 2048 CPU / 8192 accelerators)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the sides N times, in alternating order, and report each side's fastest run "
+                        "(all runs are kept in --json): for a machine whose load changes")
     p.add_argument("--timeout", type=float, default=None, help="seconds per side")
     p.add_argument("--workdir", type=Path, default=None, help="specs, records and logs (default: a temp dir)")
     p.add_argument("--verbose", action="store_true", help="echo the sides' whole stderr")
@@ -333,7 +340,7 @@ def main() -> None:
     ceiling_script = SIDES_DIR / "ceiling.py"
     result: dict[str, Any] = {
         "settings": {**spec, "model": args.model, "model_name": model_dir.name, "layers": config["num_hidden_layers"],
-                     "sides": sides},
+                     "sides": sides, "repeat": max(1, args.repeat)},
         "flops": step_flops(config, batch=args.batch, seq=args.seq, r=args.r),
         "loadavg_start": loadavg_start, "cpu_count": os.cpu_count(), "ceiling": [], "sides": [],
     }
@@ -342,10 +349,18 @@ def main() -> None:
                                         args.verbose, args.timeout)
     result["ceiling"].append(run_child("ceiling", ceiling_script, sys.executable, spec, workdir, args.verbose,
                                        args.timeout, name="ceiling_before"))
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+    for rep in range(max(1, args.repeat)):
+        for side in (sides if rep % 2 == 0 else sides[::-1]):
+            python = qwix_python if side == "qwix" else sys.executable
+            name = side if args.repeat <= 1 else f"{side}.{rep}"
+            runs[side].append(run_child(side, SIDES_DIR / SIDES[side], python, spec, workdir, args.verbose,
+                                        args.timeout, name=name))
     for side in sides:
-        python = qwix_python if side == "qwix" else sys.executable
-        result["sides"].append(run_child(side, SIDES_DIR / SIDES[side], python, spec, workdir, args.verbose,
-                                         args.timeout))
+        ok = [r for r in runs[side] if "error" not in r]
+        result["sides"].append(max(ok, key=lambda r: r["tokens_per_s"]) if ok else runs[side][0])
+    if args.repeat > 1:
+        result["runs"] = runs
     result["ceiling"].append(run_child("ceiling", ceiling_script, sys.executable, spec, workdir, args.verbose,
                                        args.timeout, name="ceiling_after"))
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
