@@ -59,8 +59,8 @@ def estimate_memory(config: ModelConfig, lora: LoraConfig | None, *, batch: int,
     per_layer = tokens * (4 * h + q + 2 * kv + q + 3 * inter) * c + batch * config.num_attention_heads * seq * seq * 4
     if remat == "none":
         acts = n_layers * per_layer
-    elif remat == "projections":  # q, k, v, attention output, gate, up kept; one layer recomputed at a time
-        acts = n_layers * tokens * (h + q + 2 * kv + q + 2 * inter) * c + per_layer
+    elif remat == "projections":  # layer input, q, k, v, attention output and residual, gate, up kept
+        acts = n_layers * tokens * (2 * h + q + 2 * kv + q + 2 * inter) * c + per_layer
     else:  # the layer inputs only, plus one layer recomputed at a time
         acts = n_layers * tokens * h * c + per_layer
     acts += tokens * h * 4 * 2  # final norm + hidden states for the chunked loss

@@ -45,10 +45,10 @@ from qlora_jax.models import kv_cache, layers
 from qlora_jax.models.config import ModelConfig, QuantConfig
 
 # Residuals kept by the "projections" policy: the outputs of the q/k/v and gate/up projections
-# (frozen matmul plus adapter) and the attention output. Everything else in a layer (norms, rope,
+# (frozen matmul plus adapter), the attention output and the residual stream after attention. Everything else in a layer (norms, rope,
 # attention scores and probabilities, SiLU, the down-projection input) is recomputed from them
 # in the backward pass: elementwise work and the attention matmuls, never a projection.
-SAVED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "gate_proj", "up_proj")
+SAVED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "attn_residual", "gate_proj", "up_proj")
 
 _REMAT_POLICIES = {
     "projections": jax.checkpoint_policies.save_only_these_names(*SAVED_PROJECTIONS),
@@ -138,7 +138,7 @@ class DecoderLayer(nnx.Module):
         attn = self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, mask=mask, lora_kw=lora_kw, kv=kv)
         if kv is not None:
             attn, kv = attn
-        h = h + attn
+        h = checkpoint_name(h + attn, "attn_residual")  # the MLP norm's input: saved, so o_proj is not rerun
         h = h + self.mlp(self.post_attention_layernorm(h), lora_kw=lora_kw)
         return h if kv is None else (h, kv)
 
