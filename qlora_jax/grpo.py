@@ -23,6 +23,8 @@ Semantics are trl 1.16.0's (``GRPOTrainer._generate_and_score_completions`` and 
   optimizer step, which reproduces trl's accumulation of each loss exactly.
 
 Log-probs are of the *tempered* policy (logits / sampling temperature), as trl computes them.
+Host-side helpers at the end lay out rollout rows (:func:`build_batch`) and sum rewards
+(:func:`weighted_total`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -196,7 +199,41 @@ def completion_logps(hidden: jax.Array, head_weight: jax.Array, completion_ids: 
     return out.reshape(-1)[:n].reshape(rows, c)
 
 
+# -- host-side: rollout rows and rewards ------------------------------------------------------------
+
+
+def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], *, pad_id: int, prompt_width: int,
+                completion_width: int, keep: list[bool] | None = None) -> dict[str, np.ndarray]:
+    """Rows ``[prompt left-padded to prompt_width | completion right-padded to completion_width]``.
+
+    ``completion_mask`` is 1 on every generated token (the stop token included); ``keep[r] = False``
+    zeroes a row's mask (truncated completions with ``mask_truncated_completions``).
+    """
+    rows, p_w, c_w = len(prompt_ids), prompt_width, completion_width
+    input_ids = np.full((rows, p_w + c_w), pad_id, np.int32)
+    segment_ids = np.zeros((rows, p_w + c_w), np.int32)
+    comp = np.full((rows, c_w), pad_id, np.int32)
+    mask = np.zeros((rows, c_w), np.float32)
+    for r, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        c = c[:c_w]
+        input_ids[r, p_w - len(p):p_w] = p
+        input_ids[r, p_w:p_w + len(c)] = c
+        segment_ids[r, p_w - len(p):p_w + len(c)] = 1
+        comp[r, :len(c)] = c
+        mask[r, :len(c)] = 1.0 if keep is None or keep[r] else 0.0
+    positions = np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)
+    return {"input_ids": input_ids, "positions": positions, "segment_ids": segment_ids, "completion_ids": comp,
+            "completion_mask": mask}
+
+
+def weighted_total(rewards: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """trl's sum_then_normalize: nansum of weighted rewards; NaN when no function scored the row."""
+    total = np.nansum(rewards * weights[None, :], axis=1).astype(np.float32)
+    total[np.isnan(rewards).all(axis=1)] = np.nan
+    return total
+
+
 __all__ = [
-    "LOSS_TYPES", "SCALE_REWARDS", "WEIGHT_KEYS", "Advantages", "TokenLoss", "completion_logps", "completion_mask",
-    "group_advantages", "grpo_loss", "kl_k3", "loss_sums", "per_token_loss",
+    "LOSS_TYPES", "SCALE_REWARDS", "WEIGHT_KEYS", "Advantages", "TokenLoss", "build_batch", "completion_logps",
+    "completion_mask", "group_advantages", "grpo_loss", "kl_k3", "loss_sums", "per_token_loss", "weighted_total",
 ]

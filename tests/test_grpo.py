@@ -31,6 +31,7 @@ from qlora_jax import grpo as grpo_lib  # noqa: E402
 from qlora_jax import rewards as rewards_lib  # noqa: E402
 from qlora_jax.checkpoints import gguf_tokenizer, resolve_builtin  # noqa: E402
 from qlora_jax.checkpoints.load import load_model  # noqa: E402
+from qlora_jax.grpo import build_batch  # noqa: E402
 from qlora_jax.lora import LoraConfig  # noqa: E402
 from qlora_jax.objectives import sequence_logprob  # noqa: E402
 from qlora_jax.train import loop  # noqa: E402
@@ -38,7 +39,6 @@ from qlora_jax.train.config_check import ConfigError  # noqa: E402
 from qlora_jax.train.grpo_run import (  # noqa: E402
     GRPOObjective,
     PromptIterator,
-    build_batch,
     policy_logps,
     validate_grpo_config,
 )

@@ -287,30 +287,6 @@ class Sampler:
                 [r == "length" for p in parts for r in p.finish_reasons])
 
 
-def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], *, pad_id: int, prompt_width: int,
-                completion_width: int, keep: list[bool] | None = None) -> dict[str, np.ndarray]:
-    """Rows ``[prompt left-padded to prompt_width | completion right-padded to completion_width]``.
-
-    ``completion_mask`` is 1 on every generated token (the stop token included); ``keep[r] = False``
-    zeroes a row's mask (truncated completions with ``mask_truncated_completions``).
-    """
-    rows, p_w, c_w = len(prompt_ids), prompt_width, completion_width
-    input_ids = np.full((rows, p_w + c_w), pad_id, np.int32)
-    segment_ids = np.zeros((rows, p_w + c_w), np.int32)
-    comp = np.full((rows, c_w), pad_id, np.int32)
-    mask = np.zeros((rows, c_w), np.float32)
-    for r, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        c = c[:c_w]
-        input_ids[r, p_w - len(p):p_w] = p
-        input_ids[r, p_w:p_w + len(c)] = c
-        segment_ids[r, p_w - len(p):p_w + len(c)] = 1
-        comp[r, :len(c)] = c
-        mask[r, :len(c)] = 1.0 if keep is None or keep[r] else 0.0
-    positions = np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)
-    return {"input_ids": input_ids, "positions": positions, "segment_ids": segment_ids, "completion_ids": comp,
-            "completion_mask": mask}
-
-
 @dataclasses.dataclass
 class Rollout:
     batch: dict[str, np.ndarray]  # [micro, rows / micro, ...] for the train step
@@ -324,13 +300,6 @@ class Rollout:
 
 def rollout_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0] >> 1)
-
-
-def weighted_total(rewards: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """trl's sum_then_normalize: nansum of weighted rewards; NaN when no function scored the row."""
-    total = np.nansum(rewards * weights[None, :], axis=1).astype(np.float32)
-    total[np.isnan(rewards).all(axis=1)] = np.nan
-    return total
 
 
 def score_prompts(sampler: Sampler, lora, prompts: list[PromptExample], reward_fns, weights, *, repeat: int,
@@ -492,7 +461,7 @@ def run_grpo(cfg: ConfigDict) -> dict[str, Any]:
         rows, tokens, texts, truncated, rewards = score_prompts(
             sampler, adapters, eval_prompts, reward_fns, weights, repeat=1, max_new_tokens=C, sampling=sampling,
             batch_rows=cfg.train.batch_size)
-        total = weighted_total(rewards, weights)
+        total = grpo_lib.weighted_total(rewards, weights)
         if jax.process_index() == 0:
             out = workdir / "eval_completions"
             out.mkdir(exist_ok=True)
@@ -516,12 +485,12 @@ def run_grpo(cfg: ConfigDict) -> dict[str, Any]:
                                   seed=rollout_seed(cfg.seed, at_step))
         rows, tokens, _, truncated, rewards = score_prompts(sampler, lora_state, prompts, reward_fns, weights,
                                                             repeat=G, max_new_tokens=C, sampling=sampling)
-        total = weighted_total(rewards, weights)
+        total = grpo_lib.weighted_total(rewards, weights)
         adv = grpo_lib.group_advantages(total, G, scale_rewards=g.scale_rewards)
         adv = grpo_lib.Advantages(*(np.asarray(a) for a in adv))
         keep = list(~truncated) if g.mask_truncated_completions else None
-        flat = build_batch([p.prompt_ids for p in rows], tokens, pad_id=pad_id, prompt_width=prompt_width,
-                           completion_width=C, keep=keep)
+        flat = grpo_lib.build_batch([p.prompt_ids for p in rows], tokens, pad_id=pad_id,
+                                    prompt_width=prompt_width, completion_width=C, keep=keep)
         flat["advantages"] = np.repeat(adv.advantages[:, None], C, axis=1).astype(np.float32)
         micro = cfg.train.grad_accum
         batch = {k: v.reshape(micro, v.shape[0] // micro, *v.shape[1:]) for k, v in flat.items()}
@@ -661,5 +630,5 @@ def _print_end(r: dict[str, Any], names: list[str]) -> None:
     print("\n".join(lines), flush=True)
 
 
-__all__ = ["GRPOObjective", "PromptIterator", "Sampler", "build_batch", "load_prompts", "policy_logps",
-           "run_grpo", "validate_grpo_config"]
+__all__ = ["GRPOObjective", "PromptIterator", "Sampler", "load_prompts", "policy_logps", "run_grpo",
+           "validate_grpo_config"]
