@@ -30,7 +30,7 @@ def get_config() -> ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 on CPU, bfloat16 on GPU/TPU
     c.model.param_dtype = "float32"  # storage of unquantized weights (embeddings, norms)
     c.model.init_from = ""  # a previous run's workdir (e.g. SFT): start from its adapters; they become the reference
-    c.model.remat = "none"  # per decoder layer: "none" | "full" | "dots" | "dots_no_batch"
+    c.model.remat = "projections"  # per decoder layer: "projections" | "none" | "full" | "dots" | "dots_no_batch"
 
     c.lora = ConfigDict()
     c.lora.r = 16  # adapter rank

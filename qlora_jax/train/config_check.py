@@ -9,6 +9,7 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 from qlora_jax.dpo import LOSS_TYPES
+from qlora_jax.models.config import REMAT_POLICIES
 
 CHOICES = {
     "objective": ("sft", "dpo"),
@@ -17,7 +18,7 @@ CHOICES = {
     "model.quantize": ("nf4", "fp4", "none"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.remat": REMAT_POLICIES,
     "lora.init": ("gaussian", "peft"),
     "data.format": ("auto", "alpaca", "chat", "prompt_completion"),
     "optim.schedule": ("cosine", "linear", "constant"),
