@@ -209,7 +209,7 @@ def report(result: dict[str, Any]) -> str:
     lines.append(f"load average (1/5/15 min): start {result['loadavg_start']}, end {result['loadavg_end']}; "
                  f"{result['cpu_count']} CPUs")
     lines.append("")
-    header = ["side", "tokens/s", "step s", "compile s", "1st step s", "load s", "peak RSS MiB",
+    header = ["side", "tokens/s", "step s", "cores", "compile s", "1st step s", "load s", "peak RSS MiB",
               "args MiB", "temp MiB", "args+temp MiB", "GFLOP/s", "% ceiling", "loss step 0 -> last", "dtype"]
     rows = []
     by_side = {r["side"]: r for r in result["sides"]}
@@ -222,7 +222,8 @@ def report(result: dict[str, Any]) -> str:
         r["achieved_gflops"] = gflops
         r["pct_of_ceiling"] = 100 * gflops / ceiling if ceiling else None
         rows.append([
-            r["side"], _fmt(r["tokens_per_s"]), _fmt(r["median_step_s"], ".2f"), _fmt(r.get("compile_s")),
+            r["side"], _fmt(r["tokens_per_s"]), _fmt(r["median_step_s"], ".2f"), _fmt(r.get("cores_used"), ".2f"),
+            _fmt(r.get("compile_s")),
             _fmt(r["first_step_s"], ".1f"), _fmt(r.get("load_s")), _fmt(r["peak_rss_mib"], ".0f"),
             _fmt(mem.get("argument_bytes", float("nan")) / MIB, ".0f"),
             _fmt(mem.get("temp_bytes", float("nan")) / MIB, ".0f"),
@@ -233,6 +234,8 @@ def report(result: dict[str, Any]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header] + rows:
         lines.append("  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths))))
+    lines.append("(cores: the side's CPU seconds / wall seconds over its timed steps; below the machine's core "
+                 "count it was sharing the CPU with other jobs)")
     lines.append("")
     ours = by_side.get("ours")
     if ours and "error" not in ours:

@@ -38,9 +38,13 @@ import numpy as np
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+_LOADAVG_START: list[float] = []
+
+
 def read_spec() -> dict[str, Any]:
     if len(sys.argv) != 2:
         raise SystemExit(f"usage: {sys.argv[0]} <spec.json>")
+    _LOADAVG_START[:] = loadavg()
     return json.loads(Path(sys.argv[1]).read_text())
 
 
@@ -87,21 +91,28 @@ def run_steps(step: Callable[[], float], *, warmup: int, steps: int, log=None) -
     """Call ``step`` (one synced training step returning the loss) warmup + steps times.
 
     Returns the per-step losses, the first call's seconds, the timed steps' seconds and their
-    median. ``warmup`` is at least 1 (the first call always includes one-time work).
+    median, and ``cores_used``: this process's CPU time (user + system, all threads) over the
+    timed steps divided by their wall time -- on a machine shared with other jobs, well below
+    the core count means the side was starved (threads that spin while waiting count as busy).
+    ``warmup`` is at least 1 (the first call always includes one-time work).
     """
     warmup = max(1, warmup)
-    losses, seconds = [], []
+    losses, seconds, cpu = [], [], []
     for i in range(warmup + steps):
+        c0 = os.times()
         t0 = time.perf_counter()
         loss = float(step())
         dt = time.perf_counter() - t0
+        c1 = os.times()
         losses.append(loss)
         seconds.append(dt)
+        cpu.append((c1.user - c0.user) + (c1.system - c0.system))
         if log is not None:
             log(f"step {i}: loss {loss:.4f}, {dt:.2f} s{' (warm-up)' if i < warmup else ''}")
     timed = seconds[warmup:]
-    return {"losses": losses, "first_step_s": seconds[0], "step_s": timed,
-            "median_step_s": statistics.median(timed) if timed else float("nan")}
+    return {"losses": losses, "first_step_s": seconds[0], "step_s": timed, "step_cpu_s": cpu[warmup:],
+            "median_step_s": statistics.median(timed) if timed else float("nan"),
+            "cores_used": sum(cpu[warmup:]) / sum(timed) if timed else float("nan")}
 
 
 def finish(spec: dict[str, Any], record: dict[str, Any]) -> None:
@@ -112,6 +123,7 @@ def finish(spec: dict[str, Any], record: dict[str, Any]) -> None:
         tokens_per_step=tokens_per_step,
         tokens_per_s=tokens_per_step / med if med and med == med else float("nan"),
         peak_rss_mib=peak_rss_mib(),
+        loadavg_start=list(_LOADAVG_START),
         loadavg_end=loadavg(),
         python=sys.executable,
     )
