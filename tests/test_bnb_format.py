@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 transformers = pytest.importorskip("transformers")
 
-from qlora_jax.checkpoints import (
+from qlora_jax.checkpoints import (  # noqa: E402
     bnb_quantization_config,
     bnb_tensors_to_quant4bit,
     hf_config,
@@ -32,7 +32,7 @@ from qlora_jax.checkpoints import (
     quant4bit_to_bnb_tensors,
     save_bnb_checkpoint,
 )
-from qlora_jax.quant import Quant4bit, dequantize_4bit, quantize_4bit
+from qlora_jax.quant import Quant4bit, dequantize_4bit, quantize_4bit  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from qlora_jax.checkpoints import (
+from qlora_jax.checkpoints import (  # noqa: E402
     builtin,
     gguf_config,
     gguf_tensor_shapes,
@@ -37,7 +37,7 @@ from qlora_jax.checkpoints import (
     open_gguf,
     resolve_builtin,
 )
-from qlora_jax.checkpoints.gguf_reader import gguf_metadata, unpermute_rotary
+from qlora_jax.checkpoints.gguf_reader import gguf_metadata, unpermute_rotary  # noqa: E402
 
 CHAT = [
     {"role": "system", "content": "You are terse."},
@@ -214,7 +214,7 @@ def _tiny_model(arch: str):
                                                                        tie_word_embeddings=True))
     # Give norms and biases non-trivial values, so a swapped name cannot pass.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_(torch.randn_like(p))
     return model.float().eval()

@@ -46,7 +46,7 @@ def test_slurm_dry_run_script():
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --requeue"):
         assert line in out.splitlines()
-    srun = next(l for l in out.splitlines() if l.startswith("srun "))
+    srun = next(ln for ln in out.splitlines() if ln.startswith("srun "))
     assert srun.endswith("-m qlora_jax.train --config configs/sft.py --config.workdir=/shared/r1 "
                          "--config.mesh.fsdp=32")
 
@@ -55,7 +55,7 @@ def test_tpu_dry_run_commands():
     out = _run("tpu_vm.sh", "--name", "q1", "--zone", "us-central2-b", "--accelerator", "v4-32",
                "--workdir", "/mnt/b/run", "--queued", "--spot", "--dry-run", "--",
                "--config.mesh.fsdp=16").stdout.splitlines()
-    cmds = [shlex.split(l) for l in out if not l.startswith("#")]
+    cmds = [shlex.split(ln) for ln in out if not ln.startswith("#")]
     create = next(c for c in cmds if c[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"])
     assert "--accelerator-type=v4-32" in create and "--spot" in create and "--node-id=q1" in create
     assert any(c[:2] == ["git", "-C"] and "archive" in c for c in cmds)

@@ -27,16 +27,16 @@ from qlora_jax.quant import (  # noqa: E402
     Quant4bit,
     bits_per_param,
     code_table,
+    codes,  # noqa: E402
     dequantize_4bit,
     quantize_4bit,
     storage_bits_per_param,
 )
-from qlora_jax.quant import codes  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _to_jax(xt: "torch.Tensor", dtype: str) -> jax.Array:
+def _to_jax(xt: torch.Tensor, dtype: str) -> jax.Array:
     return jnp.asarray(xt.float().numpy()).astype(dtype)
 
 

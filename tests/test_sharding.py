@@ -24,7 +24,7 @@ def test_mesh_and_offload_match_single_device(tiny_model_dir):  # noqa: F811
     proc = subprocess.run([sys.executable, str(REPO / "tests/_mesh_worker.py"), str(tiny_model_dir)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     res = json.loads(line[len("RESULT "):])
     single = res["single"]
     for name in ("2x2x2", "8x1x1", "1x1x8"):

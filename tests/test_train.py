@@ -193,8 +193,8 @@ def test_gradient_accumulation_equals_big_batch(tiny_model_dir):
     graphdef, lora_state, rest = loop.split_model(model)
     batch = {k: jnp.asarray(v) for k, v in big.items()}
 
-    def mean_loss(l):
-        s, n = loop._forward_sums(graphdef, l, rest, batch, None, deterministic=True)
+    def mean_loss(adapters):
+        s, n = loop._forward_sums(graphdef, adapters, rest, batch, None, deterministic=True)
         return s / n
 
     direct = jax.grad(mean_loss)(lora_state)
