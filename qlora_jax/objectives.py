@@ -54,8 +54,7 @@ def _chunked_nll(h: jax.Array, w: jax.Array, t: jax.Array, live: jax.Array) -> j
 
 
 def _chunked_nll_fwd(h, w, t, live):
-    nll, dh = _map_chunks(h, w, t, live, with_grad=True)
-    return nll, dh
+    return _map_chunks(h, w, t, live, with_grad=True)  # (nll, residual dh)
 
 
 def _chunked_nll_bwd(dh, g):
