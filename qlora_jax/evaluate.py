@@ -56,12 +56,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qlora_jax.errors import UserError
+
 LETTERS = string.ascii_uppercase
 HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 DEFAULT_SUBJECT = "general knowledge"
 
 
-class MCQAError(ValueError):
+class MCQAError(UserError):
     """A data file or setting that cannot be evaluated; the message says what to fix."""
 
 
@@ -163,6 +165,16 @@ def format_prompt(item: MCQItem, shots: Sequence[MCQItem] = (), subject: str | N
 def fewshot_examples(items: Sequence[MCQItem], index: int, k: int) -> list[MCQItem]:
     """The first ``k`` questions of the file other than question ``index``."""
     return [it for j, it in enumerate(items) if j != index][:k]
+
+
+def _progress(batches: range, total: int, batch_size: int):
+    """Yield ``batches`` with a progress bar on a terminal (none when stderr is a file or pipe)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc="scoring", unit="seq", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
+        for lo in batches:
+            yield lo
+            bar.update(min(batch_size, total - lo))
 
 
 def _bucket(n: int) -> int:
@@ -282,6 +294,20 @@ class MCQAScorer:
             return self._score_letters(items, texts)
         return self._score_cloze(items, texts)
 
+    def _check_context(self, lengths: Sequence[int]) -> None:
+        """Refuse questions whose scored sequence is longer than the model's context: their scores
+        would come from positions the model never saw in training (silently wrong)."""
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if not limit:
+            return
+        over = [i for i, n in enumerate(lengths) if n > limit]
+        if over:
+            worst = max(over, key=lambda i: lengths[i])
+            raise MCQAError(f"{len(over)} of {len(lengths)} questions are longer than the model's context of "
+                            f"{limit} tokens (first: #{over[0] + 1}; longest: #{worst + 1} with {lengths[worst]} "
+                            f"tokens); use fewer data.num_fewshot or rag.top_k, shorter questions, "
+                            f"or a model with a longer context")
+
     def _score_letters(self, items, texts):
         label_ids = self.label_token_ids(max(len(it.choices) for it in items))
         prompts = []
@@ -292,9 +318,10 @@ class MCQAScorer:
                     raise MCQAError(f"the label {self.label_prefix + LETTERS[i]!r} tokenizes as {continuation} "
                                     f"after the prompt, not as its own token {label_ids[i]}")
             prompts.append(context)
+        self._check_context([len(p) + 1 for p in prompts])
         graphdef, state = nnx.split(self.model)
         rows_out = []
-        for lo in range(0, len(prompts), self.batch_size):
+        for lo in _progress(range(0, len(prompts), self.batch_size), len(prompts), self.batch_size):
             rows = prompts[lo:lo + self.batch_size]
             ids = np.full((self.batch_size, _bucket(max(map(len, rows)))), self.pad_id, np.int32)
             lengths = np.ones((self.batch_size,), np.int32)
@@ -317,9 +344,13 @@ class MCQAScorer:
                 continuation = self.label_prefix + choice
                 context, cont = self.continuation_tokens(text, continuation)
                 pairs.append((q, context + cont, len(cont), len(continuation.encode("utf-8")), len(context)))
+        longest = {}
+        for q, tokens, *_ in pairs:
+            longest[q] = max(longest.get(q, 0), len(tokens))
+        self._check_context([longest[q] for q in range(len(items))])
         graphdef, state = nnx.split(self.model)
         sums = []
-        for lo in range(0, len(pairs), self.batch_size):
+        for lo in _progress(range(0, len(pairs), self.batch_size), len(pairs), self.batch_size):
             chunk = pairs[lo:lo + self.batch_size]
             seq = _bucket(max(len(p[1]) for p in chunk))
             ids = np.full((self.batch_size, seq), self.pad_id, np.int32)
@@ -458,7 +489,8 @@ def run(cfg) -> dict[str, Any]:
         passages, rag_record = retrieve_passages(cfg.rag, items)
     t0 = time.perf_counter()
     model, tokenizer, what = load_for_inference(cfg.model.source or None, cfg.adapter or None,
-                                                quantize=cfg.model.quantize, dtype=cfg.model.dtype)
+                                                quantize=cfg.model.quantize, dtype=cfg.model.dtype,
+                                                adapter_flag="config.adapter")
     t_load = time.perf_counter() - t0
     scorer = MCQAScorer(model, tokenizer, scoring=cfg.scoring, chat_template=cfg.prompt.chat_template,
                         system=cfg.prompt.system,
@@ -496,24 +528,19 @@ def run(cfg) -> dict[str, Any]:
 
 
 def _cli() -> None:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from qlora_jax.errors import run_absl
 
     config = config_flags.DEFINE_config_file("config", None, "Path to configs/eval_mcqa.py.", lock_config=True)
     flags.mark_flags_as_required(["config"])
 
     def main(argv):
         del argv
-        from qlora_jax.export import ExportError
-        from qlora_jax.rag import RagError
+        run(config.value)
 
-        try:
-            run(config.value)
-        except (MCQAError, ExportError, RagError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    app.run(main)
+    run_absl(main)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qlora_jax.errors import ArgumentParser, UserError, cli_main, quiet_logs
 from qlora_jax.models import KVCache
 
 # Tokens that end a turn in the chat templates of the families we load (and common eos spellings).
@@ -73,8 +75,8 @@ class SamplingParams:
     seed: int = 0  # PRNG seed of the draws
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -373,15 +375,32 @@ class Generator:
 # ---------------------------------------------------------------------------------------------
 # Loading a model (optionally with a run's adapters) for inference
 
+def check_adapter_path(adapter: str | Path, flag: str = "--adapter") -> Path:
+    """``adapter`` must be a PEFT adapter directory or a run directory; else a :class:`UserError`
+    naming ``flag`` (the option or config key the path came from)."""
+    adapter = Path(adapter)
+    if not adapter.exists():
+        raise UserError(f"{flag}={adapter}: no such directory (expected RUN_DIR/adapter or a run directory)")
+    if not adapter.is_dir():
+        raise UserError(f"{flag}={adapter}: is a file; expected a PEFT adapter directory (RUN_DIR/adapter) "
+                        f"or a run directory")
+    if not ((adapter / "adapter_config.json").is_file() or (adapter / "adapter").is_dir()
+            or (adapter / "checkpoints").is_dir()):
+        raise UserError(f"{flag}={adapter}: neither a PEFT adapter directory (no adapter_config.json) nor a "
+                        f"run directory (no adapter/ or checkpoints/)")
+    return adapter
+
+
 def load_for_inference(model: str | None = None, adapter: str | Path | None = None, *,
-                       quantize: str | None = "default", dtype: str = "float32"):
+                       quantize: str | None = "default", dtype: str = "float32", adapter_flag: str = "--adapter"):
     """``(model, tokenizer, description)`` for generation or evaluation.
 
     ``adapter``: a PEFT adapter directory (``RUN_DIR/adapter``) or a run directory; the LoRA
     config comes from ``adapter_config.json`` (or the run's checkpoint record), and the base
     model and its quantization default to what the run recorded. Without an adapter the model
     (default ``smollm2-135m-instruct``) is loaded without LoRA. ``quantize``: "nf4" | "fp4" |
-    "none"; "default" means the run's choice, else "nf4".
+    "none"; "default" means the run's choice, else "nf4". A missing or unusable ``adapter`` raises
+    :class:`UserError` naming ``adapter_flag``.
     """
     from qlora_jax.checkpoints.load import load_model
     from qlora_jax.checkpoints.peft_io import load_peft_adapter
@@ -394,7 +413,7 @@ def load_for_inference(model: str | None = None, adapter: str | Path | None = No
         q = None if q in ("none", "") else q
         m, tok = load_model(source, quantize=q, dtype=dtype)
         return m, tok, f"{source} (quantize={q or 'none'})"
-    adapter = Path(adapter)
+    adapter = check_adapter_path(adapter, adapter_flag)
     if (adapter / "adapter_config.json").is_file():
         run = read_run(adapter.parent, source=model, adapter=adapter, quantize=explicit_quant)
     else:
@@ -410,7 +429,7 @@ def load_for_inference(model: str | None = None, adapter: str | Path | None = No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qlora_jax.generate",
+    p = ArgumentParser(prog="python -m qlora_jax.generate",
                                 description="Answer prompts with a (fine-tuned) model; greedy by default.")
     p.add_argument("--model", default=None,
                    help="base model: built-in name, GGUF file, HF directory (default: the adapter run's "
@@ -432,24 +451,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> list[str]:
     args = build_parser().parse_args(argv)
-    try:
+    quiet_logs()
+    try:  # every flag is checked before the model is loaded
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
+        raise UserError(f"--{str(e).replace('_', '-', 1)}") from e
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens={args.max_new_tokens}: must be >= 1")
     if args.stream and len(args.prompt) > 1:
-        raise SystemExit("error: --stream takes a single --prompt")
+        raise UserError("--stream takes a single --prompt")
+    if args.raw and any(not p for p in args.prompt):
+        raise UserError("--prompt: an empty prompt with --raw has no token to continue from")
+    if args.adapter is not None:
+        check_adapter_path(args.adapter)
     model, tokenizer, what = load_for_inference(args.model, args.adapter, quantize=args.quantize)
     stop = None
     if args.stop:
         vocab = tokenizer.get_vocab()
         missing = [s for s in args.stop if s not in vocab]
         if missing:
-            raise SystemExit(f"error: --stop {missing} not single tokens of the vocabulary")
+            raise UserError(f"--stop {missing}: not single tokens of the vocabulary")
         stop = [vocab[s] for s in args.stop]
     gen = Generator(model, tokenizer, stop_token_ids=stop)
     prompts = [gen.encode(p) if args.raw else gen.chat_prompt(p, system=args.system) for p in args.prompt]
+    limit = model.config.max_position_embeddings
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise UserError(f"--prompt #{i + 1} ({args.prompt[i]!r}) is empty after tokenization")
+        if len(ids) + args.max_new_tokens > limit:
+            raise UserError(f"--prompt #{i + 1}: {len(ids)} prompt tokens + --max-new-tokens {args.max_new_tokens} "
+                            f"exceed the model's context of {limit} tokens; shorten the prompt or lower "
+                            f"--max-new-tokens")
     print(f"# {what}", file=sys.stderr)
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, lora_enabled=not args.no_lora)
     if args.stream:

@@ -8,7 +8,6 @@ size and sequence length.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 from qlora_jax.lora import LoraConfig, count_params
@@ -112,22 +111,24 @@ def report(cfg) -> str:
 
 def main(argv):
     del argv
-    from qlora_jax.train.config_check import ConfigError
+    if _CONFIG.value.get("objective", "sft") == "grpo":
+        from qlora_jax.train.grpo_run import validate_grpo_config as validate
+    else:
+        from qlora_jax.train.config_check import validate_config as validate
 
-    try:
-        print(report(_CONFIG.value))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    validate(_CONFIG.value)  # a value out of range: one line naming the key
+    print(report(_CONFIG.value))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from qlora_jax.errors import run_absl
 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                               lock_config=True)
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    run_absl(main)
 
 __all__ = ["MemoryEstimate", "estimate_memory", "quantized_bytes", "report"]

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qlora_jax.errors import UserError
+
 if TYPE_CHECKING:
     from qlora_jax.models.config import ModelConfig
 
@@ -35,6 +37,10 @@ PROJECTION_BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "sel
                     "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 ALL_LINEAR = "all-linear"  # shorthand for all seven (never lm_head, as in QLoRA)
 LORA_INITS = ("peft", "gaussian")
+
+
+class LoraTargetError(UserError):
+    """``lora.targets`` names a module the model does not have (the message lists valid names)."""
 
 
 class LoRAParam(nnx.Variable):
@@ -107,12 +113,23 @@ class LoraConfig:
         return tuple(self.matches(module_path(i, proj)) for i in range(num_layers))
 
     def targeted_modules(self, num_layers: int) -> list[str]:
-        """Every adapted module path, in layer order; raises if the targets select nothing."""
+        """Every adapted module path, in layer order.
+
+        Raises :class:`LoraTargetError` if the targets select nothing, or if any one name of a
+        target list selects nothing (a typo must not silently train fewer modules)."""
         paths = [module_path(i, p) for i in range(num_layers) for p in PROJECTIONS]
+        valid = (f"{ALL_LINEAR!r}, {', '.join(PROJECTIONS)}, or a path such as 'self_attn.q_proj' or "
+                 f"'layers.0.mlp.up_proj' (layers 0-{num_layers - 1})")
+        if isinstance(self.targets, tuple):
+            unknown = [t for t in self.targets if not any(p == t or p.endswith("." + t) for p in paths)]
+            if unknown:
+                raise LoraTargetError(f"lora.targets: {', '.join(map(repr, unknown))} "
+                                      f"match{'es' if len(unknown) == 1 else ''} no linear of the model; "
+                                      f"valid names: {valid}")
         chosen = [p for p in paths if self.matches(p)]
         if not chosen:
-            raise ValueError(f"LoraConfig.targets={self.targets!r} matches no linear; module paths "
-                             f"look like {paths[0]!r}")
+            raise LoraTargetError(f"lora.targets={self.targets!r} matches no linear of the model; valid: {valid} "
+                                  f"(a regex is matched against paths like {paths[0]!r})")
         return chosen
 
 

@@ -33,12 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from qlora_jax.errors import UserError
+
 RewardFn = Callable[..., Sequence[float | None]]
 SEPARATOR = "#####"
 _HASH_RUN = re.compile(r"#{5,}")
 
 
-class RewardError(ValueError):
+class RewardError(UserError):
     """A reward function cannot be found, or it returned something unusable."""
 
 

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlora_jax.errors import UserError
+
 # Spellings tried, in order, for each answer word: as written, capitalised, after a space.
 VARIANTS: tuple[Callable[[str], str], ...] = (
     lambda w: w,
@@ -37,7 +39,7 @@ _TRUE = ("yes", "y", "true", "1", "positive")
 _FALSE = ("no", "n", "false", "0", "negative")
 
 
-class AnswerTokenError(ValueError):
+class AnswerTokenError(UserError):
     """An answer word is not one token after the assistant prompt of this tokenizer."""
 
 

@@ -2,7 +2,8 @@
 
 Loading is slow on a 2-core machine (transformers' GGUF loader parses the file twice: ~30-45 s;
 ours ~10 s), so the test files that need them share these cached loaders instead of fixtures.
-Each loader skips the calling test when the built-in model package is not installed.
+Each loader skips the calling test when the built-in model package is not installed (with ``CI``
+set it fails instead, like a missing reference library: see ``_support.require``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 
 import numpy as np
 import pytest
+from _support import IN_CI, require
 
 CHATS = [  # real chat prompts of different lengths (through the chat template)
     "What is the capital of France?",
@@ -25,6 +27,8 @@ def smol_path():
     try:
         return resolve_builtin("smollm2-135m-instruct")
     except FileNotFoundError as err:
+        if IN_CI:
+            pytest.fail(f"the built-in model is required when CI is set: {err}", pytrace=False)
         pytest.skip(str(err))
 
 
@@ -47,8 +51,8 @@ def ours(quantize: str | None = None, lora=None):
 @functools.cache
 def transformers_gguf():
     """transformers' own GGUF loading of the file (dequantized to float32, eager attention)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = require("torch")
+    transformers = require("transformers")
     path = smol_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager")

@@ -1,4 +1,8 @@
-"""Test-wide setup: run JAX on the CPU with exact float32 matmuls, so parity tests can be tight."""
+"""Test-wide setup: run JAX on the CPU with exact float32 matmuls, so parity tests can be tight.
+
+Helpers the test files import live in ``_support.py`` (``REPO``, ``SHARED``, ``require`` for reference
+libraries: a skip locally, a failure when ``CI`` is set), since a conftest is not meant to be imported.
+"""
 
 import os
 

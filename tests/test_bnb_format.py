@@ -17,10 +17,11 @@ import json
 import jax
 import numpy as np
 import pytest
+from _support import require
 
-torch = pytest.importorskip("torch")
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+bnb_functional = require("bitsandbytes.functional")
+transformers = require("transformers")
 
 from qlora_jax.checkpoints import (  # noqa: E402
     bnb_quantization_config,

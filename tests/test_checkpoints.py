@@ -19,10 +19,11 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from _support import require
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
+torch = require("torch")
+transformers = require("transformers")
+gguf = require("gguf")
 
 from qlora_jax.checkpoints import (  # noqa: E402
     builtin,
@@ -137,7 +138,7 @@ def test_smollm2_metadata(smol_reader):
 
 
 def test_gguf_tokenizer_chat_template(smol_path, smol_reader, tmp_path):
-    jinja2 = pytest.importorskip("jinja2")
+    jinja2 = require("jinja2")
     ours = gguf_tokenizer(smol_path, reader=smol_reader)
     reference = transformers.AutoTokenizer.from_pretrained(str(smol_path.parent), gguf_file=smol_path.name)
 

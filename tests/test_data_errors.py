@@ -96,6 +96,41 @@ def test_unsupported_suffix(tmp_path):
         load_rows(path)
 
 
+def test_non_utf8_bytes_name_file_and_line(tmp_path):
+    jsonl = tmp_path / "latin1.jsonl"
+    line = alpaca_line(1, output="caf@").replace("@", "é")  # json.dumps would escape the é
+    jsonl.write_bytes((alpaca_line(0) + "\n" + line + "\n").encode("latin-1"))
+    col = line.index("é") + 1
+    with pytest.raises(DataError) as err:
+        load_rows(jsonl)
+    assert str(err.value) == (f"{jsonl}:2: not UTF-8 text (byte 0xe9 at column {col}); the file encoding must be "
+                              f"UTF-8: re-save the file as UTF-8")
+    array = tmp_path / "latin1.json"
+    array.write_bytes('[{"instruction": "a",\n  "output": "café"}]'.encode("latin-1"))
+    with pytest.raises(DataError, match=re.escape(f"{array}:2: not UTF-8 text (byte 0xe9 at column 17)")):
+        load_rows(array)
+    csv = tmp_path / "latin1.csv"
+    csv.write_bytes("instruction,output\nsay it,café\n".encode("latin-1"))
+    with pytest.raises(DataError, match=re.escape(f"{csv}:2: not UTF-8 text") + ".*the CSV encoding must be UTF-8"):
+        load_rows(csv)
+    bom = tmp_path / "bom.jsonl"  # a UTF-8 byte-order mark is fine
+    bom.write_bytes(b"\xef\xbb\xbf" + (alpaca_line(0) + "\n").encode())
+    assert len(load_rows(bom)) == 1
+
+
+def test_bad_csv_files(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=re.escape(f"{empty}: the file is empty")):
+        load_rows(empty)
+    cols = tmp_path / "cols.csv"
+    cols.write_text("question,answer\n1+1,2\n")
+    with pytest.raises(DataError, match=re.escape("cannot tell the data format from columns ['answer', 'question']")):
+        to_examples(load_rows(cols), source=str(cols))
+    with pytest.raises(DataError, match="is a directory"):
+        load_rows(tmp_path)
+
+
 # -- fields -------------------------------------------------------------------------------------
 
 

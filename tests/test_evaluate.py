@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _support import require
 
 from qlora_jax.evaluate import (
     LETTERS,
@@ -30,8 +31,8 @@ from qlora_jax.evaluate import (
     run,
 )
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data/mcqa_demo.jsonl"

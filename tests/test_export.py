@@ -23,12 +23,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from _support import require
 from flax import nnx
 from safetensors.numpy import load_file
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+torch = require("torch")
+transformers = require("transformers")
+peft = require("peft")
 
 from qlora_jax import export as export_lib  # noqa: E402
 from qlora_jax.checkpoints import (  # noqa: E402
@@ -514,3 +515,118 @@ def test_cli_writes_gguf(nf4_run, tmp_path, capsys):
     path = export_lib.main(["--workdir", str(workdir), "--format", "gguf", "--gguf-type", "Q4_0", "--out", str(out)])
     assert path == out and out.is_file() and f"gguf: {out}" in capsys.readouterr().out
     assert open_gguf(out).fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_0)
+
+
+# ------------------------------------------------------------------------------------------
+# Nothing a user owns is overwritten; --overwrite replaces an earlier export as a whole
+# ------------------------------------------------------------------------------------------
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _no_loading(monkeypatch):
+    """The target is checked before the model is loaded: loading here fails the test."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the target was checked")
+    monkeypatch.setattr(export_lib, "load_run_model", fail)
+
+
+def test_merged_export_refuses_a_users_model_directory(plain_run, tmp_path, capsys, monkeypatch):
+    workdir, _, _ = plain_run
+    users = tmp_path / "my_model"
+    users.mkdir()
+    (users / "config.json").write_text('{"mine": true}')
+    (users / "model.safetensors").write_bytes(b"the user's weights")
+    before = _tree(users)
+    _no_loading(monkeypatch)
+    for flags in ([], ["--overwrite"]):  # files no export wrote: refused even with --overwrite
+        with pytest.raises(SystemExit) as exit_info:
+            export_lib.main(["--workdir", str(workdir), "--format", "merged", "--out", str(users), *flags])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert err == (f"error: --out {users} holds config.json and 1 more file, which no export wrote there; "
+                       "choose another --out (--overwrite replaces only an earlier export)")
+    with pytest.raises(export_lib.ExportError, match="which no export wrote there"):
+        export_lib.export(workdir, "merged", users, overwrite=True)
+    assert _tree(users) == before and sorted(p.name for p in tmp_path.iterdir()) == ["my_model"]
+
+
+def test_gguf_export_refuses_an_existing_file_unless_overwrite(nf4_run, tmp_path, capsys, monkeypatch):
+    workdir, _, _ = nf4_run
+    existing = tmp_path / "existing.gguf"
+    existing.write_bytes(b"an unrelated file")
+    with monkeypatch.context() as m:
+        _no_loading(m)
+        with pytest.raises(SystemExit) as exit_info:
+            export_lib.main(["--workdir", str(workdir), "--format", "gguf", "--out", str(existing)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert err == f"error: --out {existing} already exists; pass --overwrite to replace it, or choose another --out"
+    assert existing.read_bytes() == b"an unrelated file"
+    with pytest.raises(export_lib.ExportError, match="is a directory"):
+        export_lib.export(workdir, "gguf", tmp_path)
+
+    path = export_lib.main(["--workdir", str(workdir), "--format", "gguf", "--gguf-type", "F16", "--out",
+                            str(existing), "--overwrite"])
+    assert path == existing and open_gguf(existing).fields["general.file_type"].contents() == \
+        int(gguf.LlamaFileType.MOSTLY_F16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.gguf"]  # no temporary left
+
+
+def test_peft_export_refuses_another_runs_adapter(plain_run, nf4_run, monkeypatch):
+    workdir, _, _ = plain_run
+    other_adapter = nf4_run[0] / "adapter"  # written by training, not by an export
+    before = _tree(other_adapter)
+    _no_loading(monkeypatch)
+    for overwrite in (False, True):
+        with pytest.raises(export_lib.ExportError) as info:
+            export_lib.export(workdir, "peft", other_adapter, overwrite=overwrite)
+        assert str(info.value) == (f"--out {other_adapter} holds adapter_config.json and 1 more file, which no "
+                                   "export wrote there; choose another --out (--overwrite replaces only an earlier "
+                                   "export)")
+    assert _tree(other_adapter) == before
+
+
+def test_overwrite_replaces_a_sharded_export_as_a_whole(plain_run, tmp_path, monkeypatch):
+    """Several shards, then 1 file with --overwrite: only the new export's files remain; a failed
+    export leaves the old one as it was."""
+    workdir, model, _ = plain_run
+    out = tmp_path / "export" / "merged"
+    export_lib.export(workdir, "merged", out, max_shard_bytes=2_000_000)
+    first = _tree(out)
+    shards = sorted(n for n in first if n.startswith("model-"))
+    n = len(shards)
+    assert n >= 3 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    marker = json.loads(first[export_lib.EXPORT_MARKER])
+    assert marker["format"] == "merged" and set(marker["files"]) == set(first) - {export_lib.EXPORT_MARKER}
+
+    with pytest.raises(export_lib.ExportError) as info:
+        export_lib.export(workdir, "merged", out, dtype="float32")
+    assert str(info.value) == (f"--out {out} holds an earlier export; pass --overwrite to replace it, or choose "
+                               "another --out")
+    with monkeypatch.context() as m:  # an export that fails half-way changes nothing
+        def broken(model, tokenizer, fmt, path, **kwargs):
+            (path / "model.safetensors").write_bytes(b"half")
+            raise OSError("disk full")
+        m.setattr(export_lib, "_write_format", broken)
+        with pytest.raises(OSError, match="disk full"):
+            export_lib.export(workdir, "merged", out, dtype="float32", overwrite=True)
+    assert _tree(out) == first and sorted(p.name for p in out.parent.iterdir()) == ["merged"]
+
+    export_lib.export(workdir, "merged", out, dtype="float32", overwrite=True)
+    second = _tree(out)
+    assert not [n for n in second if n.startswith("model-") or n == "model.safetensors.index.json"]
+    assert "model.safetensors" in second and set(second) == set(first) - set(shards) - {
+        "model.safetensors.index.json"} | {"model.safetensors"}
+    assert set(json.loads(second[export_lib.EXPORT_MARKER])["files"]) == set(second) - {export_lib.EXPORT_MARKER}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged"]  # the old export is gone, no temporaries
+    loaded = load_file(str(out / "model.safetensors"))
+    expected = dict(iter_hf_tensors(model, merge_lora=True))
+    assert set(loaded) == set(expected)
+    np.testing.assert_array_equal(loaded["lm_head.weight"], expected["lm_head.weight"])
+
+    # An earlier export with a file the user added since: --overwrite refuses it too.
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(export_lib.ExportError, match=r"holds notes.txt, which no export wrote"):
+        export_lib.export(workdir, "peft", out, overwrite=True)

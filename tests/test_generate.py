@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _support import require
 from flax import nnx
 
 from qlora_jax.generate import Generator, SamplingParams, bucket_length, main, sampling_mask
@@ -42,7 +43,7 @@ def test_bucket_length():
 
 
 def test_greedy_batch_matches_transformers_generate():
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     gen, prompts, ours = greedy_smol()
     assert len({len(p) for p in prompts}) == 3  # really different lengths, left-padded together
     assert gen.stop_token_ids == [0, 2]  # <|endoftext|> and <|im_end|> (= eos)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import _smollm2 as smol
-import pytest
+from _support import require
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_build_model_puts_each_array_straight_on_its_shard():
 
 
 def test_compact_gguf_reader_reads_like_gguf_reader():
-    gguf = pytest.importorskip("gguf")
+    gguf = require("gguf")
     from qlora_jax.checkpoints import gguf_reader
 
     path = str(smol.smol_path())

@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _support import SHARED, require
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+torch = require("torch")
+transformers = require("transformers")
+peft = require("peft")
 
 from test_models import (  # noqa: E402
     LAYERS,
@@ -56,7 +57,7 @@ from qlora_jax.models import (  # noqa: E402
     iter_hf_tensors,
 )
 
-LLAMA_8B = "/work/shared/model_configs/llama-3.1-8b-instruct.json"
+LLAMA_8B = SHARED / "model_configs/llama-3.1-8b-instruct.json"
 
 
 def randomize_adapters(model, seed: int = 0, std: float = 0.05) -> None:

@@ -21,10 +21,11 @@ import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _support import SHARED, require
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 from qlora_jax.lora import PROJECTIONS, LoraConfig, LoRAParam  # noqa: E402
 from qlora_jax.models import (  # noqa: E402
@@ -39,7 +40,7 @@ from qlora_jax.models import (  # noqa: E402
 )
 from qlora_jax.quant import Quant4bit, dequantize_4bit  # noqa: E402
 
-CONFIG_DIR = "/work/shared/model_configs"
+CONFIG_DIR = str(SHARED / "model_configs")
 VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 256, 64, 128, 2, 4, 2
 PARITY_TOL = 1e-4
 NF4_TOL = 2e-4  # our NF4 quantization vs bitsandbytes' (see the NF4 test for the measurement)
@@ -247,7 +248,7 @@ def test_build_model_places_arrays_on_a_mesh():
 
 def _bnb_roundtrip(w):
     """bitsandbytes NF4 + double quantization of one weight; its 1-D dequantize as the reference."""
-    bnbF = pytest.importorskip("bitsandbytes.functional")
+    bnbF = require("bitsandbytes.functional")
     packed, state = bnbF.quantize_4bit(w.reshape(-1).contiguous(), blocksize=64, quant_type="nf4",
                                        compress_statistics=True)
     dequant = bnbF.dequantize_4bit(packed, state).reshape(w.shape)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _support import require
 
 from qlora_jax.objectives import masked_nll_sum, sequence_logprob, token_nll
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -62,7 +63,7 @@ def test_chunked_gradient_equals_full_logits_gradient_and_saves_memory():
 
 
 def test_schedule_matches_transformers_cosine_with_warmup():
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
     total, ratio, lr = 37, 0.3, 2e-3

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _support import require
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-pytest.importorskip("torch")
+require("torch")
 from configs import self_refine as self_refine_config  # noqa: E402
 from qlora_jax.pipelines import plan as plan_lib  # noqa: E402
 from qlora_jax.pipelines.report import metrics_of_rows  # noqa: E402

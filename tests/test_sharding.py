@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
+from _support import require
 
 from qlora_jax.train import sharding
 
 REPO = Path(__file__).resolve().parents[1]
-pytest.importorskip("torch")
+require("torch")
 from tests.test_train import tiny_model_dir  # noqa: E402,F401  (fixture)
 
 

@@ -27,9 +27,9 @@ import copy
 import _smollm2 as smol
 import jax.numpy as jnp
 import numpy as np
-import pytest
+from _support import require
 
-torch = pytest.importorskip("torch")
+torch = require("torch")
 
 CHAT = [
     {"role": "system", "content": "You are a concise science tutor."},
@@ -86,7 +86,7 @@ def _with_weights(reference, weights: dict[str, np.ndarray]):
 def _bnb_nf4(weight: torch.Tensor):
     """bitsandbytes' NF4 + double quantization of one weight: (its dequantization, its states as a
     ``Quant4bit``)."""
-    bnbF = pytest.importorskip("bitsandbytes.functional")
+    bnbF = require("bitsandbytes.functional")
     from qlora_jax.quant import Quant4bit
 
     packed, qs = bnbF.quantize_4bit(weight.reshape(-1).contiguous(), blocksize=64, quant_type="nf4",
@@ -100,7 +100,7 @@ def _bnb_nf4(weight: torch.Tensor):
 
 
 def test_nf4_logits_match_transformers_with_nf4_weights():
-    pytest.importorskip("bitsandbytes")
+    require("bitsandbytes")
     from qlora_jax.checkpoints import gguf_config, iter_gguf_tensors
     from qlora_jax.models import QuantConfig, build_model, iter_hf_tensors
 

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _support import require
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -210,14 +211,164 @@ def test_bad_data_and_nan_loss_stop_cleanly(tiny_model_dir, tmp_path):
     assert proc.returncode == 2 and f"{bad}:6" in proc.stderr, proc.stderr[-2000:]
 
     # A learning rate of 1e30 overflows the adapters after the first update: step 2's loss is
-    # not finite. The run stops naming step 2, step 1's checkpoint stays the newest, and the
+    # not finite. The run stops naming step 2; step 1's checkpoint holds the adapters that gave it
+    # (finite, near 1e30: resuming would give NaN again), so it is removed and none is left. The
     # metrics of step 1 are kept.
     over = {**_cli_overrides(tiny_model_dir, tmp_path / "w2"), "optim.lr": 1e30, "optim.warmup_ratio": 0.0,
             "optim.max_grad_norm": 0.0, "train.checkpoint_every": 1, "lora.dropout": 0.0}
     proc = _train_cli(over)
     assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "non-finite loss or gradient at step 2" in proc.stderr and "(step 1)" in proc.stderr
+    assert "non-finite loss or gradient at step 2" in proc.stderr
+    assert ("removed checkpoint 1, whose adapters gave it; no checkpoint with finite adapters and optimizer state "
+            "is left; a rerun starts from step 0") in proc.stderr
     ckpts = sorted(int(p.name) for p in (tmp_path / "w2/checkpoints").iterdir() if p.name.isdigit())
-    assert ckpts == [1]
+    assert ckpts == []
     rows = [r for r in read_metrics(tmp_path / "w2/metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [1] and np.isfinite(rows[0]["loss"])
+
+
+def _error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def test_nan_stop_keeps_the_newest_checkpoint_worth_resuming(tiny_model_dir, tmp_path):
+    """lr 1e30 warmed up over 3 steps: step 1 (lr 0) leaves the adapters as they were, step 2 blows
+    them up to ~3e29 (finite: checkpoint 2 is saved), step 3's loss is NaN. Resuming from checkpoint
+    2 would give NaN again: it is removed and the message names step 1. A rerun with a sane lr
+    resumes from step 1 and finishes with finite losses."""
+    workdir = tmp_path / "w"
+    over = {**_cli_overrides(tiny_model_dir, workdir), "optim.lr": 1e30, "optim.warmup_ratio": 0.5,
+            "optim.max_grad_norm": 0.0, "train.checkpoint_every": 1, "lora.dropout": 0.0}
+    proc = _train_cli(over)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    err = _error_line(proc.stderr)
+    assert err.startswith("error: non-finite loss or gradient at step 3 (loss="), err
+    assert err.endswith("; stopped; removed checkpoint 2, whose adapters gave it; the newest checkpoint with finite "
+                        "adapters and optimizer state is step 1; resume continues from it (the same config stops at "
+                        "step 3 again: lower --config.optim.lr)"), err
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [1]
+
+    resumed = _train_cli({**over, "optim.lr": 3e-3})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 1" in resumed.stderr and "resumed from" in resumed.stderr
+    rows = [r for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in rows)
+    assert np.isfinite(json.loads((workdir / "summary.json").read_text())["eval_after"]["loss"])
+
+
+def test_non_finite_stop_names_the_checkpoint_left(tmp_path):
+    """The finiteness check (host-memory leaves included) and the checkpoint bookkeeping, without a model."""
+    from qlora_jax.train import checkpoint as ckpt_lib
+    from qlora_jax.train.run import non_finite_stop
+
+    tree = {"lora": jnp.ones((2, 3)), "count": jnp.int32(7)}
+    assert ckpt_lib.all_finite(tree)
+    assert not ckpt_lib.all_finite({**tree, "mu": jnp.array([1.0, jnp.nan])})
+    assert not ckpt_lib.all_finite({"nu": jnp.array([jnp.inf], jnp.bfloat16)})
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    assert not ckpt_lib.all_finite({"nu": jax.device_put(jnp.array([1.0, -jnp.inf]), host)})
+    assert ckpt_lib.all_finite({"nu": jax.device_put(jnp.array([1.0, 3e38]), host)})
+
+    ckpts = ckpt_lib.RunCheckpoints(tmp_path, async_save=False)
+    for step in (1, 2):
+        ckpts.save(step, tree, {"rng": jnp.zeros(2)}, {"step": step})
+    err = non_finite_stop(ckpts, "non-finite loss or gradient at step 3 (loss=nan, grad_norm=nan)", failed_step=3,
+                          bad_checkpoint=2)
+    assert str(err) == ("non-finite loss or gradient at step 3 (loss=nan, grad_norm=nan); stopped; removed "
+                        "checkpoint 2, whose adapters gave it; the newest checkpoint with finite adapters and "
+                        "optimizer state is step 1; resume continues from it (the same config stops at step 3 "
+                        "again: lower --config.optim.lr)")
+    assert ckpts.all_steps() == [1] and [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["1"]
+    err = non_finite_stop(ckpts, "non-finite adapters or optimizer state after step 2 (not saved)", failed_step=2)
+    assert "step 2 (not saved); stopped; the newest checkpoint with finite adapters and optimizer state is step 1" \
+        in str(err) and ckpts.all_steps() == [1]
+    err = non_finite_stop(ckpts, "non-finite loss or gradient at step 2", failed_step=2, bad_checkpoint=1)
+    assert "; no checkpoint with finite adapters and optimizer state is left; a rerun starts from step 0" in str(err)
+    assert ckpts.all_steps() == []
+    ckpts.close()
+
+
+def _snapshot(workdir: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.relative_to(workdir).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(workdir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("objective", ["sft", "grpo"])
+def test_finished_run_is_reported_and_left_alone(objective, tmp_path, capsys):
+    """Running a finished run again says so, loads nothing (the model source does not even exist),
+    writes nothing and returns the stored summary. Unfinished runs are not mistaken for one."""
+    from configs import grpo as grpo_config
+    from qlora_jax.train.config_check import ConfigError
+    from qlora_jax.train.run import already_finished, run
+
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "6").mkdir(parents=True)
+    (workdir / "adapter").mkdir()
+    summary = {"final_step": 6, "total_steps": 6, "finished": True, "max_steps": 6, "epochs": 0.5,
+               "train_seconds": 131.0, "adapter_dir": str(workdir / "adapter")}
+    (workdir / "summary.json").write_text(json.dumps(summary))
+    (workdir / "metrics.jsonl").write_text('{"step": 6, "loss": 0.5}\n')
+    before = _snapshot(workdir)
+    cfg = (sft_config if objective == "sft" else grpo_config).get_config()
+    cfg.workdir = str(workdir)
+    cfg.model.source = str(tmp_path / "no-such-model")
+    cfg.train.max_steps = 6
+    assert run(cfg) == {**summary, "already_finished": True}
+    assert capsys.readouterr().out.splitlines() == [
+        f"already finished: the run in {workdir} trained 6/6 steps; nothing was changed",
+        f"summary        {workdir / 'summary.json'}",
+        f"PEFT adapter   {workdir / 'adapter'}",
+        "to train again, start a new run: --config.workdir=<new dir>"]
+    assert _snapshot(workdir) == before and not (workdir / "train.log").exists()
+
+    cfg.train.max_steps = 8  # a longer run asked for: it resumes from checkpoint 6
+    assert already_finished(cfg) is None
+    (workdir / "checkpoints" / "6").rmdir()  # ... but with no checkpoint it would start over: refused
+    with pytest.raises(ConfigError, match=r"holds a finished run of 6 steps and no checkpoint to continue it from; "
+                                          r"start a new run: --config.workdir=<new dir>"):
+        already_finished(cfg)
+    (workdir / "checkpoints" / "6").mkdir()
+    cfg.train.max_steps = 6
+    (workdir / "checkpoints" / "8").mkdir()  # a newer checkpoint than the summary's step
+    assert already_finished(cfg) is None
+    (workdir / "checkpoints" / "8").rmdir()
+    (workdir / "summary.json").write_text(json.dumps({**summary, "final_step": 4, "finished": False}))  # SIGTERM
+    assert already_finished(cfg) is None
+    if objective == "sft":  # length from epochs
+        (workdir / "summary.json").write_text(json.dumps({**summary, "max_steps": -1}))
+        cfg.train.max_steps, cfg.train.epochs = -1, 0.5
+        assert already_finished(cfg) is not None
+        cfg.train.epochs = 1.0
+        assert already_finished(cfg) is None
+    assert capsys.readouterr().out.count("already finished") == (1 if objective == "sft" else 0)
+
+
+def test_restart_after_early_kill_then_rerun_of_the_finished_run(tiny_model_dir, tmp_path):
+    """Killed at step 1, before the first checkpoint: the restarted run starts from step 0 and
+    keeps none of the dead attempt's metric rows. Run again once finished: nothing changes."""
+    workdir = tmp_path / "w"
+    over = {**_cli_overrides(tiny_model_dir, workdir), "train.max_steps": 2, "train.checkpoint_every": 2}
+    killed = _train_cli(over, {"QLORA_FAULT_KILL_AT_STEP": "1"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(workdir / "metrics.jsonl")] == [0, 1]  # eval before, step 1
+    assert not [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+
+    restarted = _train_cli(over)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "resumed from" not in restarted.stderr
+    rows = read_metrics(workdir / "metrics.jsonl")
+    assert [(r["step"], "loss" in r, "eval_loss" in r) for r in rows] == [
+        (0, False, True), (1, True, False), (2, True, False), (2, False, True)]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["finished"] is True and summary["final_step"] == 2
+
+    before = _snapshot(workdir)
+    again = _train_cli(over)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines()[0] == f"already finished: the run in {workdir} trained 2/2 steps; nothing was changed"
+    assert "to train again, start a new run: --config.workdir=<new dir>" in again.stdout
+    assert "done:" not in again.stdout and "loading" not in again.stderr
+    assert _snapshot(workdir) == before

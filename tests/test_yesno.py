@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _support import require
 
 from qlora_jax.pipelines import report
 from qlora_jax.yesno import (
@@ -21,8 +22,8 @@ from qlora_jax.yesno import (
     yes_no_scores,
 )
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 from tests.test_train import tiny_model_dir  # noqa: E402,F401  (fixture)
 
 PROMPTS = [

@@ -34,6 +34,8 @@ from typing import Any
 import gguf
 import numpy as np
 
+from qlora_jax.errors import ModelFileError
+
 GGUFSource = str | os.PathLike | gguf.GGUFReader
 
 
@@ -142,7 +144,15 @@ def open_gguf(source: GGUFSource) -> gguf.GGUFReader:
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {path}")
     stat = path.stat()
-    return _cached_reader(str(path), stat.st_mtime_ns, stat.st_size)
+    try:
+        return _cached_reader(str(path), stat.st_mtime_ns, stat.st_size)
+    except (ValueError, struct.error, IndexError, KeyError, OSError) as e:  # the reader's parse errors
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ModelFileError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)") from e
+        raise ModelFileError(f"{path}: truncated or corrupt GGUF file ({stat.st_size:,} bytes; "
+                             f"{type(e).__name__}: {e})") from e
 
 
 _MISSING = object()

@@ -20,9 +20,30 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy, which safe
 import numpy as np
 from safetensors import safe_open
 
+from qlora_jax.errors import ModelFileError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+
+
+def open_safetensors(file: str | os.PathLike):
+    """``safe_open(file)``; a truncated or corrupt file (header, offsets) raises :class:`ModelFileError`."""
+    try:
+        return safe_open(file, framework="numpy")
+    except Exception as e:  # SafetensorError: the header does not describe the bytes on disk
+        size = os.path.getsize(file) if os.path.exists(file) else 0
+        raise ModelFileError(f"{file}: truncated or corrupt safetensors file ({size:,} bytes; {e})") from e
+
+
+def read_json(file: str | os.PathLike) -> Any:
+    """A JSON file of a checkpoint; invalid JSON raises :class:`ModelFileError` naming file and line."""
+    try:
+        return json.loads(Path(file).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{file}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from e
+    except UnicodeDecodeError as e:
+        raise ModelFileError(f"{file}: not UTF-8 text (byte {e.start}); is it really a JSON file?") from e
 
 
 def _model_dir(model_dir: str | os.PathLike) -> Path:
@@ -41,7 +62,10 @@ def safetensors_index(model_dir: str | os.PathLike) -> dict[str, Path]:
     """
     path = _model_dir(model_dir)
     if (path / INDEX_FILE).is_file():
-        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        index_json = read_json(path / INDEX_FILE)
+        if not isinstance(index_json, dict) or not isinstance(index_json.get("weight_map"), dict):
+            raise ModelFileError(f"{path / INDEX_FILE}: has no 'weight_map' object")
+        weight_map = index_json["weight_map"]
         files = list(dict.fromkeys(weight_map.values()))   # file order of first appearance
         for name in files:
             if not (path / name).is_file():
@@ -55,10 +79,10 @@ def safetensors_index(model_dir: str | os.PathLike) -> dict[str, Path]:
             raise FileNotFoundError(f"no model safetensors in {path} (found: {found})")
     index: dict[str, Path] = {}
     for name in files:
-        with safe_open(path / name, framework="numpy") as f:
+        with open_safetensors(path / name) as f:
             for key in f.keys():  # noqa: SIM118  (safe_open handles are not iterable)
                 if key in index:
-                    raise ValueError(f"tensor {key!r} is in both {index[key].name} and {name}")
+                    raise ModelFileError(f"tensor {key!r} is in both {index[key].name} and {name} ({path})")
                 index[key] = path / name
     return index
 
@@ -96,13 +120,13 @@ class SafetensorsReader:
     def __getitem__(self, name: str) -> np.ndarray:
         file = self.index[name]
         if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(safe_open(file, framework="numpy"))
+            self._handles[file] = self._stack.enter_context(open_safetensors(file))
         return self._handles[file].get_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         file = self.index[name]
         if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(safe_open(file, framework="numpy"))
+            self._handles[file] = self._stack.enter_context(open_safetensors(file))
         return tuple(self._handles[file].get_slice(name).get_shape())
 
 
@@ -146,7 +170,10 @@ def hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     path = _model_dir(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {path.parent}")
-    return normalize_config(json.loads(path.read_text()))
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return normalize_config(config)
 
 
 def load_tokenizer(model_dir: str | os.PathLike):

@@ -19,6 +19,7 @@ from typing import Any
 
 from qlora_jax.checkpoints import builtin, gguf_reader, hf_reader
 from qlora_jax.checkpoints.bnb_format import is_bnb_4bit_checkpoint, iter_bnb_checkpoint
+from qlora_jax.errors import ModelFileError, UserError
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models import ModelConfig, QuantConfig, build_model
 
@@ -57,7 +58,7 @@ def model_config_for(source: str | os.PathLike) -> dict[str, Any]:
     """The HF-style config dict of a source, reading metadata only (no weights)."""
     s = str(source)
     if s.endswith(".json") and Path(s).is_file():
-        return hf_reader.normalize_config(__import__("json").loads(Path(s).read_text()))
+        return hf_reader.normalize_config(hf_reader.read_json(s))
     kind, path = resolve_source(source)
     return gguf_reader.gguf_config(path) if kind == "gguf" else hf_reader.hf_config(path)
 
@@ -97,9 +98,9 @@ def load_model(
         qc = hf_cfg.get("quantization_config", {})
         stored = qc.get("bnb_4bit_quant_type", "fp4")
         if quantize is None:
-            raise ValueError(f"{path} is a bitsandbytes 4-bit checkpoint; load it with quantize={stored!r}")
+            raise UserError(f"{path} is a bitsandbytes 4-bit checkpoint; load it with quantize={stored!r}")
         if quantize != stored:
-            raise ValueError(f"{path} stores {stored} codes but quantize={quantize!r} was asked for")
+            raise UserError(f"{path} stores {stored} codes but quantize={quantize!r} was asked for")
         double_quant = bool(qc.get("bnb_4bit_use_double_quant", False))
         tensors = iter_bnb_checkpoint(path)
     else:
@@ -107,12 +108,21 @@ def load_model(
         tensors = hf_reader.iter_hf_tensors(path)
 
     overrides = {} if remat is None else {"remat_policy": remat}
-    config = ModelConfig.from_hf(hf_cfg, **overrides)
     quant = None
     if quantize not in (None, "none", ""):
         quant = QuantConfig(quant_type=quantize, blocksize=blocksize, double_quant=double_quant)
-    model = build_model(config, tensors, quant=quant, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                        rng_seed=rng_seed, mesh=mesh, shardings=shardings)
+    config_file = path if kind == "gguf" else path / hf_reader.CONFIG_FILE
+    try:
+        config = ModelConfig.from_hf(hf_cfg, **overrides)
+    except ModelFileError as e:  # unknown model_type, missing keys ...: name the file
+        raise ModelFileError(f"{config_file}: {e}") from e
+    try:
+        model = build_model(config, tensors, quant=quant, lora=lora, dtype=dtype, param_dtype=param_dtype,
+                            rng_seed=rng_seed, mesh=mesh, shardings=shardings)
+    except ModelFileError as e:  # weights that disagree with the config (shapes, missing tensors)
+        if str(path) in str(e):
+            raise
+        raise ModelFileError(f"{path}: {e} (config from {config_file.name})") from e
     tokenizer = None
     if with_tokenizer:
         tokenizer = gguf_reader.gguf_tokenizer(path) if kind == "gguf" else hf_reader.load_tokenizer(path)

@@ -30,7 +30,6 @@ import csv
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -276,23 +275,25 @@ def run(cfg) -> dict[str, Any]:
 
 def _cli() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
-    from qlora_jax.embed import EmbedError
+    from qlora_jax.errors import run_absl
 
     config = config_flags.DEFINE_config_file("config", None, "Path to configs/filter.py.", lock_config=True)
     flags.mark_flags_as_required(["config"])
 
     def main(argv):
         del argv
+        from qlora_jax.embed import EmbedError
+        from qlora_jax.errors import UserError
+
         try:
             run(config.value)
-        except (DataError, EmbedError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        except EmbedError as e:  # a missing or broken embedding model: one line too
+            raise UserError(str(e)) from e
 
-    app.run(main)
+    run_absl(main)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qlora_jax.errors import UserError
+
 # File suffix -> the `datasets` builder that reads it.
 _BUILDERS = {
     ".json": "json",
@@ -23,7 +25,7 @@ _BUILDERS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the user's data (file, row, field or format), with a message saying where."""
 
 
@@ -48,15 +50,42 @@ def builder_for(path: str | os.PathLike) -> str:
     return _BUILDERS[suffix]
 
 
+def _decode_line(path: str | os.PathLike, lineno: int, raw: bytes, what: str = "file") -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+            f"the {what} encoding must be UTF-8: re-save the file as UTF-8"
+        ) from err
+
+
+def _open_binary(path: str | os.PathLike):
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the file ({err.strerror})") from err
+
+
+def check_utf8(path: str | os.PathLike, what: str = "file") -> None:
+    """Raise `DataError` naming the file and line of the first byte sequence that is not UTF-8."""
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            _decode_line(path, lineno, raw, what)
+
+
 def validate_jsonl(path: str | os.PathLike) -> int:
     """Parse a JSON Lines file line by line; return the number of records.
 
-    Each non-blank line must be one JSON object. The first bad line raises `DataError` with
-    `file:line: <JSON error>` so it can be opened in an editor directly.
+    Each non-blank line must be one JSON object (UTF-8). The first bad line raises `DataError`
+    with `file:line: <JSON error>` so it can be opened in an editor directly.
     """
     count = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode_line(path, lineno, raw)
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
             if not line.strip():
                 continue
             try:
@@ -75,8 +104,14 @@ def validate_jsonl(path: str | os.PathLike) -> int:
 
 def validate_json(path: str | os.PathLike) -> int:
     """A `.json` file is one JSON array of objects, one object, or JSON Lines; check whichever it is."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with _open_binary(path) as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        lineno = data.count(b"\n", 0, err.start) + 1
+        _decode_line(path, lineno, data[data.rfind(b"\n", 0, err.start) + 1:].split(b"\n", 1)[0])
+        raise
     try:
         whole = json.loads(text)
     except json.JSONDecodeError as err:
@@ -140,6 +175,11 @@ def load_rows(
                 n = validate_jsonl(path) if path.endswith(".jsonl") else validate_json(path)
                 if n == 0:
                     raise DataError(f"{path}: the file has no records")
+        elif builder == "csv":
+            for path in files:
+                check_utf8(path, "CSV")
+                if os.path.getsize(path) == 0:
+                    raise DataError(f"{path}: the file is empty (a CSV needs a header row and data rows)")
         local_split = split if split.startswith("train[") else "train"
         try:
             ds = datasets.load_dataset(builder, data_files=files, split=local_split, **load_kwargs)
@@ -149,7 +189,11 @@ def load_rows(
             raise DataError(f"could not read {', '.join(files)} as {builder}: {err}") from err
         where = ", ".join(files)
     else:
-        ds = datasets.load_dataset(os.fspath(source), split=split, **load_kwargs)
+        try:
+            ds = datasets.load_dataset(os.fspath(source), split=split, **load_kwargs)
+        except Exception as err:  # offline, unknown name, no such split ...
+            raise DataError(f"{os.fspath(source)!r} is not a local file, and loading it as a Hugging Face hub "
+                            f"dataset failed ({type(err).__name__}: {err})") from err
         where = os.fspath(source)
     if len(ds) == 0:
         raise DataError(f"{where}: the dataset has no rows")

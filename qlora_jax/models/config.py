@@ -21,6 +21,8 @@ import json
 import os
 from typing import Any
 
+from qlora_jax.errors import ModelFileError
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "projections", "full", "dots", "dots_no_batch")
@@ -95,19 +97,19 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {self.model_type!r} is not supported "
+            raise ModelFileError(f"model_type {self.model_type!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+            raise ModelFileError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+            raise ModelFileError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+            raise ModelFileError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+            raise ModelFileError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+            raise ModelFileError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 
     @property
     def q_size(self) -> int:
@@ -139,23 +141,32 @@ class ModelConfig:
 
         Accepts both rope spellings: transformers <5 (``rope_theta`` + ``rope_scaling``) and 5.x
         (``rope_parameters`` holding ``rope_theta``). ``overrides`` replace fields afterwards
-        (e.g. ``remat_policy="full"``). Raises ``ValueError`` naming the offending key.
+        (e.g. ``remat_policy="full"``). Raises ``ModelFileError`` (a ``ValueError``) naming the offending key.
         """
         if not isinstance(config, dict):
             path = os.fspath(config)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
-            with open(path) as f:
-                config = json.load(f)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ModelFileError(f"{path}: invalid JSON ({e})") from e
+            try:
+                return cls.from_hf(config, **overrides)
+            except ModelFileError as e:
+                raise ModelFileError(f"{path}: {e}") from e
+        if not isinstance(config, dict):
+            raise ModelFileError(f"config.json must hold a JSON object, got {type(config).__name__}")
         model_type = config.get("model_type")
         if model_type is None:
-            raise ValueError("config is missing the key 'model_type'")
+            raise ModelFileError("config is missing the key 'model_type'")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"unsupported config key 'model_type' = {model_type!r} "
+            raise ModelFileError(f"unsupported config key 'model_type' = {model_type!r} "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         missing = [k for k in _REQUIRED_KEYS if config.get(k) is None]
         if missing:
-            raise ValueError(f"{model_type} config is missing required key(s): {', '.join(missing)}")
+            raise ModelFileError(f"{model_type} config is missing required key(s): {', '.join(missing)}")
 
         def get(key):
             value = config.get(key)
@@ -163,7 +174,7 @@ class ModelConfig:
 
         for key in ("use_sliding_window",):
             if config.get(key):
-                raise ValueError(f"unsupported config key {key!r} = true (sliding-window attention)")
+                raise ModelFileError(f"unsupported config key {key!r} = true (sliding-window attention)")
 
         heads = int(config["num_attention_heads"])
         head_dim = get("head_dim") or int(config["hidden_size"]) // heads
@@ -204,14 +215,14 @@ def _parse_rope(config: dict) -> tuple[float, RopeScaling | None]:
     theta = float(_DEFAULT_ROPE_THETA if theta is None else theta)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"unsupported config key '{key}.rope_type' = {rope_type!r} "
+        raise ModelFileError(f"unsupported config key '{key}.rope_type' = {rope_type!r} "
                          f"(supported: {', '.join(ROPE_TYPES)})")
     if rope_type == "default":
         return theta, None
 
     def need(name):
         if params.get(name) is None:
-            raise ValueError(f"rope_type {rope_type!r} needs the config key '{key}.{name}'")
+            raise ModelFileError(f"rope_type {rope_type!r} needs the config key '{key}.{name}'")
         return params[name]
 
     factor = float(need("factor"))
@@ -219,6 +230,6 @@ def _parse_rope(config: dict) -> tuple[float, RopeScaling | None]:
         return theta, RopeScaling("linear", factor)
     original = params.get("original_max_position_embeddings") or config.get("max_position_embeddings")
     if original is None:
-        raise ValueError(f"rope_type 'llama3' needs '{key}.original_max_position_embeddings'")
+        raise ModelFileError(f"rope_type 'llama3' needs '{key}.original_max_position_embeddings'")
     return theta, RopeScaling("llama3", factor, float(need("low_freq_factor")),
                               float(need("high_freq_factor")), int(original))

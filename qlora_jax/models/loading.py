@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from qlora_jax import lora as lora_lib
+from qlora_jax.errors import ModelFileError
 from qlora_jax.models.config import ModelConfig, QuantConfig
 from qlora_jax.models.layers import QuantParam, quantize_jit
 from qlora_jax.models.model import CausalLM
@@ -88,7 +89,7 @@ def _as_numpy(x: Any) -> np.ndarray:
 
 def _check_shape(name: str, got: tuple, want: tuple) -> None:
     if tuple(got) != tuple(want):
-        raise ValueError(f"tensor {name!r} has shape {tuple(got)}, the model expects {tuple(want)}")
+        raise ModelFileError(f"tensor {name!r} has shape {tuple(got)}, the model expects {tuple(want)}")
 
 
 def _quantized_fields(name: str, tensor: Any, abstract: Quant4bit, per_layer: dict[str, tuple]) -> dict:
@@ -98,7 +99,7 @@ def _quantized_fields(name: str, tensor: Any, abstract: Quant4bit, per_layer: di
         _check_shape(name, q.shape, abstract.shape)
         if (q.quant_type, q.blocksize, q.double_quant) != (abstract.quant_type, abstract.blocksize,
                                                             abstract.absmax.dtype == jnp.uint8):
-            raise ValueError(
+            raise ModelFileError(
                 f"pre-quantized {name!r} is {q.quant_type}/blocksize {q.blocksize}/double_quant "
                 f"{q.double_quant}; the model expects {abstract.quant_type}/blocksize "
                 f"{abstract.blocksize}/double_quant {abstract.absmax.dtype == jnp.uint8}")
@@ -112,8 +113,8 @@ def _quantized_fields(name: str, tensor: Any, abstract: Quant4bit, per_layer: di
         value = np.asarray(getattr(q, field))
         shape, dtype = per_layer[field]
         if value.size != int(np.prod(shape, dtype=np.int64)) or value.dtype != dtype:
-            raise ValueError(f"{name!r}.{field}: {value.dtype}{list(value.shape)} does not fit the "
-                             f"model's {dtype}{list(shape)}")
+            raise ModelFileError(f"{name!r}.{field}: {value.dtype}{list(value.shape)} does not fit the "
+                                 f"model's {dtype}{list(shape)}")
         fields[field] = value.reshape(shape)  # e.g. bitsandbytes' flat [n/2, 1] -> [out, in/2]
     return fields
 
@@ -216,7 +217,7 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
                 buf[f][slot.layer] = fields[f]
         else:
             if isinstance(tensor, Quant4bit):
-                raise ValueError(f"{name!r} is a Quant4bit but the model keeps this weight unquantized "
+                raise ModelFileError(f"{name!r} is a Quant4bit but the model keeps this weight unquantized "
                                  f"(pass quant=QuantConfig(...) to quantize decoder linears)")
             arr = _as_numpy(tensor)
             _check_shape(name, arr.shape, abstract.shape[1:] if stacked else abstract.shape)
@@ -232,14 +233,17 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
 
     missing = [n for n in table if n not in seen]
     problems = []
+    def some(names: list[str]) -> str:  # a few names: one readable line even for a whole model
+        return str(names) if len(names) <= 6 else f"{names[:6]} and {len(names) - 6} more"
+
     if unknown:
-        problems.append(f"unknown tensor names ({len(unknown)}): {unknown}")
+        problems.append(f"unknown tensor names ({len(unknown)}): {some(unknown)}")
     if missing:
-        problems.append(f"missing tensor names ({len(missing)}): {missing}")
+        problems.append(f"missing tensor names ({len(missing)}): {some(missing)}")
     if repeated:
-        problems.append(f"repeated tensor names ({len(repeated)}): {repeated}")
+        problems.append(f"repeated tensor names ({len(repeated)}): {some(repeated)}")
     if problems:
-        raise ValueError(f"cannot build {config.model_type} model ({num_layers} layers): "
+        raise ModelFileError(f"cannot build {config.model_type} model ({num_layers} layers): "
                          + "; ".join(problems))
 
     for path, var in variables.items():

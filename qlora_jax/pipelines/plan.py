@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from qlora_jax.errors import UserError
 from qlora_jax.yesno import AnswerTokens, normalize_label
 
 # Columns of predictions.csv (per job) and predictions_stage{1,2}.csv (all jobs of a stage).
@@ -36,7 +37,7 @@ PREDICTION_COLUMNS = ("stage", "seed", "fold", "id", "label", "pred", "llr", "lo
 TEMPLATE_FIELDS = ("prompt", "stage1_answer", "llr", "p_yes")
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """The pipeline's config or data cannot make a valid plan (message names the key or row)."""
 
 

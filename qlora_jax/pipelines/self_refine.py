@@ -412,31 +412,20 @@ def run_pipeline(cfg: ConfigDict, *, train_fn: Callable[[ConfigDict], dict] | No
 
 def _main(argv) -> None:
     del argv
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
-    from qlora_jax.data import DataError
-    from qlora_jax.train.config_check import ConfigError
-    from qlora_jax.yesno import AnswerTokenError
-
     try:
         run_pipeline(_CONFIG.value)
-    except (PlanError, ConfigError, DataError, AnswerTokenError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except (PipelineStopped, WaitingForShards) as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(3)
 
 
 if __name__ == "__main__":
-    import os
-
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from qlora_jax.errors import run_absl
 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to configs/self_refine.py (':demo' for the demo).",
                                               lock_config=True)
     flags.mark_flags_as_required(["config"])
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(_main)
+    run_absl(_main)

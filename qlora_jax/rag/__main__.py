@@ -18,9 +18,11 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from qlora_jax.errors import ArgumentParser, UserError, cli_main, quiet_logs, report  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qlora_jax.rag", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m qlora_jax.rag", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="index a corpus (files or directories), replacing --index")
     b.add_argument("--corpus", action="append", required=True, help="a .txt/.md/.rst/.jsonl/.pdf file or a directory")
@@ -39,10 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
-    from qlora_jax.rag import RagError, RagIndex
+    from qlora_jax.embed import EmbedError
+    from qlora_jax.rag import RagIndex
 
     args = build_parser().parse_args(argv)
+    quiet_logs()
     t0 = time.perf_counter()
     try:
         if args.command == "build":
@@ -63,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Q: {question}")
                 for h in hits:
                     print(f"  [{h.rank}] {h.score:.3f} {h.chunk.location}: {' '.join(h.chunk.text.split())}")
-    except RagError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:  # RagError: one line, status returned for callers of main()
+        return report(err)
+    except EmbedError as err:  # a broken install of the embedding model, said in one line
+        return report(UserError(str(err)))
     return 0
 
 

@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from qlora_jax.errors import UserError, ensure_free_space
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,7 @@ log = logging.getLogger(__name__)
 LORA_KEYS_CHECKED = ("r", "alpha", "targets", "use_rslora")
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError):
     """A checkpoint's recorded config does not fit the model it is restored into."""
 
 
@@ -65,6 +68,8 @@ class RunCheckpoints:
     def save(self, step: int, lora: Any, train_state: Any, meta: dict[str, Any], *, force: bool = False) -> None:
         """``lora``: the adapters (restorable alone, for a stage handoff); ``train_state``: the rest
         of what resuming needs (optimizer state, RNG); ``meta``: JSON (step, data position, LoRA)."""
+        ensure_free_space(self.directory, sum(x.nbytes for x in jax.tree.leaves((lora, train_state))),
+                          f"the checkpoint of step {step}")  # a full disk: one line, no half-written step
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -94,6 +99,11 @@ class RunCheckpoints:
         )
         return out["lora"], out["meta"]
 
+    def delete(self, step: int) -> None:
+        """Remove checkpoint ``step`` (after pending saves finish)."""
+        self.manager.wait_until_finished()
+        self.manager.delete(step)
+
     def read_meta(self, step: int) -> dict[str, Any]:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return out["meta"]
@@ -108,6 +118,25 @@ class RunCheckpoints:
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)))
+
+
+@jax.jit
+def _leaves_finite(leaves: list[Any]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every float in ``tree`` (adapters, optimizer state) is finite: one jitted reduction.
+
+    A checkpoint holding a NaN or inf could only be resumed into NaN: none is saved. Leaves kept
+    in host memory (``optim.offload``) are copied to their devices for the check.
+    """
+    def on_device(x):
+        kind = getattr(getattr(x, "sharding", None), "memory_kind", None)
+        return jax.device_put(x, x.sharding.with_memory_kind("device")) if kind not in (None, "device") else x
+
+    leaves = [on_device(x) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return bool(_leaves_finite(leaves)) if leaves else True
 
 
 def abstract_like(tree: Any) -> Any:

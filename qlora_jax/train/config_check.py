@@ -1,14 +1,20 @@
 """Checks of a training config that ml_collections' own typing does not cover.
 
 ml_collections already rejects an unknown key (``--config.optim.lrr``) and a value of the wrong
-type on the command line; these checks name the key of a value that is the right type but wrong.
+type on the command line (``qlora_jax.errors.parse_absl_flags`` turns those into one line);
+``validate_config`` names the key of a value that is the right type but wrong, and
+``check_inputs`` checks the files and directories a run reads and writes, before the model loads.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from ml_collections import ConfigDict
 
 from qlora_jax.dpo import LOSS_TYPES
+from qlora_jax.errors import UserError, check_output_dir
 from qlora_jax.models.config import REMAT_POLICIES
 
 CHOICES = {
@@ -30,7 +36,7 @@ NON_NEGATIVE = ("optim.lr", "optim.weight_decay", "optim.max_grad_norm", "lora.i
                 "train.early_stopping_patience")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value is out of range; the message names the key."""
 
 
@@ -101,3 +107,30 @@ def _objective_errors(cfg: ConfigDict) -> list[str]:
         errors.append("config.train.early_stopping_patience > 0 needs config.train.eval_every > 0 and "
                       "config.data.eval")
     return errors
+
+
+def check_inputs(cfg: ConfigDict) -> None:
+    """Fail before the model is loaded when a local data file is missing, a directory or not a
+    supported type, when ``model.init_from`` is not a run directory, or when ``workdir`` cannot
+    be written (a file, read-only). Hub dataset names are left to the loader."""
+    from qlora_jax.data.sources import _looks_like_path, _resolve_files
+
+    for key in ("data.train", "data.eval"):
+        source = _get(cfg, key)
+        if not source:
+            continue
+        paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+        if all(isinstance(p, (str, os.PathLike)) and not _looks_like_path(os.fspath(p)) for p in paths):
+            continue  # a hub dataset name
+        try:
+            files = _resolve_files(source)
+        except UserError as e:
+            raise ConfigError(f"config.{key}: {e}") from e
+        for f in files:
+            if os.path.getsize(f) == 0:
+                raise ConfigError(f"config.{key}: {f} is empty")
+    init_from = _get(cfg, "model.init_from")
+    if init_from and not (Path(init_from) / "checkpoints").is_dir():
+        what = "does not exist" if not Path(init_from).exists() else "has no checkpoints/ directory"
+        raise ConfigError(f"config.model.init_from={init_from}: {what} (expected an earlier run's workdir)")
+    check_output_dir(cfg.workdir, "config.workdir")

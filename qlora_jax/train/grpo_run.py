@@ -51,7 +51,7 @@ from qlora_jax.train import checkpoint as ckpt_lib
 from qlora_jax.train import loop
 from qlora_jax.train import run as run_lib
 from qlora_jax.train import sharding as shard_lib
-from qlora_jax.train.config_check import ConfigError, validate_config
+from qlora_jax.train.config_check import ConfigError, check_inputs, validate_config
 from qlora_jax.train.metrics import MetricsWriter, plot_loss, read_metrics
 from qlora_jax.train.optim import make_optimizer, warmup_steps
 
@@ -362,6 +362,10 @@ def plot_rewards(workdir: Path, names: list[str]) -> Path | None:
 
 def run_grpo(cfg: ConfigDict) -> dict[str, Any]:
     validate_grpo_config(cfg)
+    done = run_lib.already_finished(cfg)  # run twice: say so, change nothing
+    if done is not None:
+        return done
+    check_inputs(cfg)  # data files, init_from, a writable workdir: before the model is loaded
     g = cfg.grpo
     reward_fns, weights = reward_functions(cfg)
     names = [name for name, _ in reward_fns]
@@ -415,6 +419,8 @@ def run_grpo(cfg: ConfigDict) -> dict[str, Any]:
     base_key = np.asarray(jax.random.key_data(jax.random.key(cfg.seed)))
     ref_lora, start, rollout_data = None, 0, None
     latest = ckpts.latest_step()
+    if latest is None:  # from step 0: an attempt killed before its first checkpoint left rows behind
+        run_lib.drop_records_after(workdir, -1)
     if latest is not None:
         meta = ckpts.read_meta(latest)
         ckpt_lib.check_lora_record(meta.get("lora", {}), record, f"{ckpts.directory / str(latest)}")
@@ -430,7 +436,12 @@ def run_grpo(cfg: ConfigDict) -> dict[str, Any]:
         if start % mu:  # stopped between the iterations of one rollout (SIGTERM): redo it with these adapters
             it.restore(meta["rollout_data"])
             log.warning("resumed at step %d, inside a rollout's %d iterations: it is sampled again", start, mu)
-        run_lib._truncate_metrics(workdir / "metrics.jsonl", start)
+        if start >= total_steps:  # finished (the config asks for no more steps)
+            done = run_lib.finished_summary(workdir)
+            if done is not None and done["final_step"] == start:
+                ckpts.close()
+                return run_lib.report_already_finished(workdir, done)
+        run_lib.drop_records_after(workdir, start)
         log.info("resumed from %s at step %d", ckpts.directory / str(latest), start)
     elif cfg.model.init_from:
         lora_state, where = ckpt_lib.init_adapters_from(cfg.model.init_from, ckpt_lib.abstract_like(lora_state),
@@ -446,6 +457,7 @@ def run_grpo(cfg: ConfigDict) -> dict[str, Any]:
         "train_prompts": len(train_prompts), "truncated_prompts": truncated_prompts, "eval_prompts": len(eval_prompts),
         "prompts_per_step": rows_per_step // G, "completions_per_step": rows_per_step, "grad_accum": cfg.train.grad_accum,
         "total_steps": total_steps, "warmup_steps": warmup_steps(total_steps, cfg.optim.warmup_ratio),
+        "max_steps": cfg.train.max_steps,
         "grpo": {"num_generations": G, "loss_type": g.loss_type, "beta": g.beta, "epsilon": g.epsilon,
                  "epsilon_high": eps_high, "scale_rewards": g.scale_rewards, "num_iterations": mu,
                  "max_completion_length": C, "temperature": g.temperature, "reward_funcs": names,
@@ -539,10 +551,9 @@ def run_grpo(cfg: ConfigDict) -> dict[str, Any]:
                 m = jax.device_get(m)
                 if not bool(m["finite"]):
                     failure = step + 1
-                    raise loop.NonFiniteLoss(
-                        f"non-finite loss or gradient at step {step + 1} (loss={float(m['loss'])}, grad_norm="
-                        f"{float(m['grad_norm'])}); stopped, the last good checkpoint is kept "
-                        f"(step {ckpts.latest_step()})")
+                    raise run_lib.non_finite_stop(
+                        ckpts, f"non-finite loss or gradient at step {step + 1} (loss={float(m['loss'])}, "
+                        f"grad_norm={float(m['grad_norm'])})", failed_step=step + 1, bad_checkpoint=step)
                 step += 1
                 tokens = max(float(m["tokens"]), 1.0)
                 row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(schedule(step - 1)),
@@ -564,6 +575,10 @@ def run_grpo(cfg: ConfigDict) -> dict[str, Any]:
                     metrics.write(step, eval_row(ev))
                     last_eval = (step, ev)
                 if step % cfg.train.checkpoint_every == 0 or step == total_steps or stop.requested:
+                    if not ckpt_lib.all_finite((lora_state, opt_state)):
+                        failure = step
+                        raise run_lib.non_finite_stop(ckpts, f"non-finite adapters or optimizer state after step "
+                                                      f"{step} (not saved)", failed_step=step)
                     train_state = {"opt_state": opt_state, "rng": jax.make_array_from_process_local_data(repl, base_key)}
                     if frozen_ref:
                         train_state["ref_lora"] = ref_lora
@@ -585,6 +600,7 @@ def run_grpo(cfg: ConfigDict) -> dict[str, Any]:
     result: dict[str, Any] = {**summary, "final_step": step, "train_seconds": round(time.perf_counter() - t_loop, 1),
                               "rollout_seconds": round(gen_seconds, 1), "failure_step": failure}
     finished = step >= total_steps
+    result["finished"] = finished
     rows = [r for r in read_metrics(workdir / "metrics.jsonl") if "reward" in r]
     if rows:
         k = max(1, min(4, len(rows) // 4))

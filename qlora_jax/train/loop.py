@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from qlora_jax.errors import UserError
 from qlora_jax.lora import LoRAParam
 from qlora_jax.objectives import masked_nll_sum
 from qlora_jax.train import sharding as shard_lib
@@ -37,8 +38,10 @@ from qlora_jax.train import sharding as shard_lib
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError):
     """Raised when a step's loss or gradient is NaN/inf; the state of the step before is kept."""
+
+    exit_code = 3
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ from qlora_jax.train import checkpoint as ckpt_lib
 from qlora_jax.train import loop
 from qlora_jax.train import preference as pref_lib
 from qlora_jax.train import sharding as shard_lib
-from qlora_jax.train.config_check import ConfigError, validate_config
+from qlora_jax.train.config_check import ConfigError, check_inputs, validate_config
 from qlora_jax.train.metrics import MetricsWriter, plot_loss, read_metrics
 from qlora_jax.train.optim import make_optimizer, warmup_steps
 
@@ -138,6 +138,10 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
 
         return run_grpo(cfg)
     validate_config(cfg)
+    done = already_finished(cfg)  # `make train` twice: say so, change nothing
+    if done is not None:
+        return done
+    check_inputs(cfg)  # data files, init_from, a writable workdir: before the model is loaded
     workdir = Path(cfg.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     _setup_logging(workdir)
@@ -206,6 +210,8 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
     ref_lora = None
     stopper = pref_lib.EarlyStopping(patience=int(cfg.train.get("early_stopping_patience", 0)))
     latest = ckpts.latest_step()
+    if latest is None:  # from step 0: an attempt killed before its first checkpoint left rows behind
+        drop_records_after(workdir, -1)
     if latest is not None:
         meta = ckpts.read_meta(latest)
         ckpt_lib.check_lora_record(meta.get("lora", {}), record, f"{ckpts.directory / str(latest)}")
@@ -219,7 +225,12 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
         it.restore(meta["data"])
         start = int(meta["step"])
         stopper = pref_lib.EarlyStopping.from_state(meta.get("early_stopping"), stopper.patience)
-        _truncate_metrics(workdir / "metrics.jsonl", start)
+        if start >= total_steps or stopper.stopped:  # finished (the config asks for no more steps)
+            done = finished_summary(workdir)
+            if done is not None and done["final_step"] == start:
+                ckpts.close()
+                return report_already_finished(workdir, done)
+        drop_records_after(workdir, start)
         log.info("resumed from %s at step %d", ckpts.directory / str(latest), start)
     elif cfg.model.init_from:
         lora_state, where = ckpt_lib.init_adapters_from(cfg.model.init_from, ckpt_lib.abstract_like(lora_state), record)
@@ -239,6 +250,7 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
         **data_counts, "eval_examples": len(eval_ex), "micro_batches_per_epoch": it.steps_per_epoch,
         "grad_accum": accum, "total_steps": total_steps,
         "warmup_steps": warmup_steps(total_steps, cfg.optim.warmup_ratio),
+        "max_steps": cfg.train.max_steps, "epochs": cfg.train.epochs,
     }
     if dpo:
         summary.update(objective="dpo", dpo={"beta": objective.beta, "loss_type": objective.loss_type,
@@ -309,10 +321,9 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
                 m = jax.device_get(m)
                 if not bool(m["finite"]):
                     failure = step + 1
-                    raise loop.NonFiniteLoss(
-                        f"non-finite loss or gradient at step {step + 1} (loss={float(m['loss'])}, "
-                        f"grad_norm={float(m['grad_norm'])}); stopped, the last good checkpoint is kept "
-                        f"(step {ckpts.latest_step()})")
+                    raise non_finite_stop(ckpts, f"non-finite loss or gradient at step {step + 1} (loss="
+                                          f"{float(m['loss'])}, grad_norm={float(m['grad_norm'])})",
+                                          failed_step=step + 1, bad_checkpoint=step)
                 step += 1
                 tokens_seen += float(m["tokens"])
                 now = time.perf_counter()
@@ -337,6 +348,10 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
                                  stopper.best_step)
                 if (step % cfg.train.checkpoint_every == 0 or step == total_steps or stop.requested
                         or stopper.stopped):
+                    if not ckpt_lib.all_finite((lora_state, opt_state)):
+                        failure = step
+                        raise non_finite_stop(ckpts, f"non-finite adapters or optimizer state after step {step} "
+                                              "(not saved)", failed_step=step)
                     rng = jax.make_array_from_process_local_data(repl, base_key)
                     train_state = {"opt_state": opt_state, "rng": rng}
                     meta = {"step": step, "data": data_state, "lora": record}
@@ -362,6 +377,7 @@ def run(cfg: ConfigDict) -> dict[str, Any]:
     result: dict[str, Any] = {**summary, "final_step": step, "train_seconds": round(train_seconds, 1),
                               "failure_step": failure}
     finished = step >= total_steps or stopper.stopped
+    result["finished"] = finished
     if stopper.stopped:
         result["early_stopped_at"] = step
     rows = read_metrics(workdir / "metrics.jsonl")
@@ -409,11 +425,115 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
+def drop_records_after(workdir: Path, step: int) -> None:
+    """Before training from ``step`` (-1: from scratch), drop what an earlier attempt recorded
+    after it: metric rows (evaluations before training included, when from scratch),
+    ``eval_completions/step_N.jsonl`` with N > step, and ``eval_before.json``. They are recomputed."""
+    if jax.process_index() != 0:
+        return
+    path = workdir / "metrics.jsonl"
+    n_rows = len(read_metrics(path))
+    _truncate_metrics(path, step)
+    dropped = n_rows - len(read_metrics(path))
+    for f in sorted((workdir / "eval_completions").glob("step_*.jsonl")):
+        if f.stem[5:].isdigit() and int(f.stem[5:]) > step:
+            f.unlink()
+            dropped += 1
+    if step < 0 and (workdir / "eval_before.json").exists():
+        (workdir / "eval_before.json").unlink()
+    if dropped:
+        log.info("dropped %d metric rows / evaluation files of an earlier attempt after step %d", dropped, max(step, 0))
+
+
+def _checkpoint_steps(workdir: Path) -> list[int]:
+    """Steps of the finished Orbax checkpoints (``checkpoints/<step>``; unfinished ones have other names)."""
+    root = workdir / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+
+
+def finished_summary(workdir: Path) -> dict[str, Any] | None:
+    """``summary.json`` of a run in ``workdir`` that finished, if its newest checkpoint (when it has
+    any) is the step it finished at; else None. Reads two small things, loads nothing."""
+    try:
+        summary = json.loads((workdir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or not isinstance(summary.get("final_step"), int):
+        return None
+    final = summary["final_step"]
+    finished = summary.get("finished")
+    if finished is None:  # a summary written before the flag
+        finished = final >= summary.get("total_steps", final + 1) or bool(summary.get("early_stopped_at"))
+    steps = _checkpoint_steps(workdir)
+    return summary if finished and (not steps or steps[-1] == final) else None
+
+
+def already_finished(cfg: ConfigDict) -> dict[str, Any] | None:
+    """If ``cfg.workdir`` holds a finished run of the length ``cfg`` asks for, say so (stdout) and
+    return its summary (with ``already_finished: True``); nothing is loaded or written. A finished
+    run asked for another length resumes from its newest checkpoint (None), or, with none left,
+    is refused: starting over would replace its records. Else None."""
+    workdir = Path(cfg.workdir).absolute()
+    summary = finished_summary(workdir)
+    if summary is None:
+        return None
+    max_steps = cfg.train.max_steps
+    if max_steps > 0:
+        same_length = summary.get("total_steps") == max_steps
+    else:  # derived from epochs (a summary that does not record them: assume the same)
+        same_length = (summary.get("max_steps", max_steps) <= 0
+                       and summary.get("epochs", cfg.train.get("epochs")) == cfg.train.get("epochs"))
+    if same_length:
+        return report_already_finished(workdir, summary)
+    if not _checkpoint_steps(workdir):  # training from scratch would replace the finished run's records
+        raise ConfigError(f"config.workdir={workdir} holds a finished run of {summary['final_step']} steps and no "
+                          "checkpoint to continue it from; start a new run: --config.workdir=<new dir>")
+    return None
+
+
+def report_already_finished(workdir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    if jax.process_index() == 0:
+        how = " (early stopped)" if summary.get("early_stopped_at") else ""
+        lines = [f"already finished: the run in {workdir} trained {summary['final_step']}/"
+                 f"{summary.get('total_steps', summary['final_step'])} steps{how}; nothing was changed",
+                 f"summary        {workdir / 'summary.json'}"]
+        if summary.get("adapter_dir") and Path(summary["adapter_dir"]).is_dir():
+            lines.append(f"PEFT adapter   {summary['adapter_dir']}")
+        lines.append("to train again, start a new run: --config.workdir=<new dir>")
+        print("\n".join(lines), flush=True)
+    return {**summary, "already_finished": True}
+
+
+def non_finite_stop(ckpts: ckpt_lib.RunCheckpoints, what: str, *, failed_step: int,
+                    bad_checkpoint: int | None = None) -> loop.NonFiniteLoss:
+    """The error ending a run whose loss or state stopped being finite at ``failed_step``.
+
+    Every saved checkpoint has finite adapters and optimizer state (checked before saving), but
+    the one at ``bad_checkpoint`` holds the adapters that gave the non-finite loss (with a huge lr,
+    finite values near 1e38): resuming from it would fail the same way, so it is removed. The
+    message names the newest checkpoint left, the one a rerun resumes from.
+    """
+    ckpts.wait()
+    what += "; stopped"
+    if bad_checkpoint is not None and bad_checkpoint in ckpts.all_steps():
+        ckpts.delete(bad_checkpoint)
+        what += f"; removed checkpoint {bad_checkpoint}, whose adapters gave it"
+    good = ckpts.latest_step()
+    if good is None:
+        where = "no checkpoint with finite adapters and optimizer state is left; a rerun starts from step 0"
+    else:
+        where = (f"the newest checkpoint with finite adapters and optimizer state is step {good}; "
+                 "resume continues from it")
+    return loop.NonFiniteLoss(f"{what}; {where} (the same config stops at step {failed_step} again: "
+                              "lower --config.optim.lr)")
+
+
 def _print_end(r: dict[str, Any]) -> None:
     if jax.process_index() != 0:
         return
-    lines = [f"done: {r['final_step']}/{r['total_steps']} steps in {r['train_seconds']} s "
-             f"(median {r['tokens_per_s_median'] or float('nan'):.0f} tokens/s)"]
+    tps = r["tokens_per_s_median"]  # None for runs of <= 2 steps (compile steps are not counted)
+    speed = f"median {tps:.0f} tokens/s" if tps else "too few steps for a tokens/s median"
+    lines = [f"done: {r['final_step']}/{r['total_steps']} steps in {r['train_seconds']} s ({speed})"]
     if r.get("early_stopped_at"):
         lines.append(f"early stopped  at step {r['early_stopped_at']} (no better held-out reward accuracy)")
     if "eval_after" in r and r.get("eval_before") and "reward_accuracy" in r["eval_after"]:
@@ -439,4 +559,5 @@ def _print_end(r: dict[str, Any]) -> None:
     print("\n".join(lines), flush=True)
 
 
-__all__ = ["ConfigError", "evaluate", "lora_config_from", "run"]
+__all__ = ["ConfigError", "already_finished", "drop_records_after", "evaluate", "finished_summary",
+           "lora_config_from", "non_finite_stop", "run"]

@@ -1,0 +1,73 @@
+"""What the test files share: repository paths and the rule for reference libraries.
+
+A test that checks against an independent reference (torch, transformers, bitsandbytes, peft, trl,
+gguf, sentence-transformers, ...) imports it with :func:`require`. Where it is missing, a developer's
+run skips those tests; with the environment variable ``CI`` set (as ``.ci/run`` and CI services
+do) the missing library fails the run instead, so a file of parity tests cannot turn green by
+being skipped whole.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"  # the directory beside the checkout: model configs, reference tables
+IN_CI = bool(os.environ.get("CI"))
+
+
+def require(module: str, *, reason: str | None = None) -> ModuleType:
+    """``module``, imported. Missing: skip the caller (the whole file at module level), or under
+    ``CI`` fail with a message naming the module and how to install it."""
+    if not IN_CI:
+        return pytest.importorskip(module, reason=reason)
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        pytest.fail(f"{module} is required when CI is set (a reference the tests check against) but cannot be "
+                    f"imported: {err}. Install the test extra: .venv/bin/pip install -e '.[test]'", pytrace=False)
+
+
+def write_tiny_llama(directory: Path, tokenizer, *, hidden: int = 64, intermediate: int = 128, layers: int = 2,
+                     heads: int = 4, kv_heads: int = 2, embed_std: float = 0.02, seed: int = 0) -> Path:
+    """A random LLaMA (tied embeddings, float32) written as a HF model directory: ``config.json``,
+    ``model.safetensors`` (numpy, no torch) and ``tokenizer``'s files. Returns ``directory``."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    vocab, head_dim = len(tokenizer), hidden // heads
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+              "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": 256,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True, "hidden_act": "silu",
+              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "torch_dtype": "float32"}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        pre = f"model.layers.{i}."
+        shapes.update({pre + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+                       pre + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+                       pre + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+                       pre + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+                       pre + "mlp.gate_proj.weight": (intermediate, hidden),
+                       pre + "mlp.up_proj.weight": (intermediate, hidden),
+                       pre + "mlp.down_proj.weight": (hidden, intermediate),
+                       pre + "input_layernorm.weight": (hidden,), pre + "post_attention_layernorm.weight": (hidden,)})
+    rng = np.random.default_rng(seed)
+
+    def init(name, shape):
+        if len(shape) == 1:
+            return np.ones(shape, np.float32)
+        return rng.normal(0, embed_std if "embed" in name else 0.02, shape).astype(np.float32)
+
+    save_file({name: init(name, shape) for name, shape in shapes.items()}, str(directory / "model.safetensors"))
+    tokenizer.save_pretrained(directory)
+    return directory
