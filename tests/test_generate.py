@@ -102,7 +102,10 @@ def test_cache_logits_equal_full_forward_at_every_step():
         for i, step in enumerate(steps):
             worst = max(worst, smol.max_abs(step[r], full[r, len(p) - 1 + i]))
     print(f"cached vs full-forward logits: max abs diff {worst:.2e}")
-    assert worst <= 1e-4
+    # Float32 summation order only (the cached step multiplies [1, d] rows, the full forward
+    # [seq, d] blocks; SmolLM2's activations reach 2.5e4): measured 5.0e-5 on an AVX512 VM
+    # (2026-11-22) and 1.1e-4 on one without AVX512 (2026-11-30), whose matmul kernels differ.
+    assert worst <= 2e-4
 
 
 def _numpy_allowed(logits: np.ndarray, top_k: int, top_p: float) -> set[int]:

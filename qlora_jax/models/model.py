@@ -99,7 +99,8 @@ class Attention(nnx.Module):
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
         if kv is not None:
             k_all, v_all, k, v = kv_cache.write_layer(*kv, k, v)
-        out = layers.attention(q, k, v, mask, impl=c.attention_impl)  # [b, s, heads, head_dim]
+        out = layers.attention(q, k, v, mask, impl=c.attention_impl,
+                               causal=kv is None)  # [b, s, heads, head_dim]
         out = self.o_proj(checkpoint_name(out.reshape(b, s, c.q_size), "attn_out"), **lora_kw["o_proj"])
         return out if kv is None else (out, (k_all, v_all))
 

@@ -4,7 +4,9 @@ from qlora_jax.quant.codes import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, cod
 from qlora_jax.quant.nf4 import (
     Quant4bit,
     bits_per_param,
+    code_values,
     dequantize_4bit,
+    dequantize_4bit_halves,
     dequantize_absmax,
     quantize_4bit,
     storage_bits_per_param,
@@ -12,5 +14,5 @@ from qlora_jax.quant.nf4 import (
 
 __all__ = [
     "BLOCKSIZES", "NESTED_BLOCKSIZE", "QUANT_TYPES", "Quant4bit", "bits_per_param", "code_table",
-    "dequantize_4bit", "dequantize_absmax", "quantize_4bit", "storage_bits_per_param",
+    "code_values", "dequantize_4bit", "dequantize_4bit_halves", "dequantize_absmax", "quantize_4bit", "storage_bits_per_param",
 ]

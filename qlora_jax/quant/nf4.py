@@ -259,6 +259,40 @@ def dequantize_4bit(q: Quant4bit, dtype: Any = None) -> jax.Array:
     return (values * absmax.reshape(-1, 1)).astype(dtype).reshape(-1)[:n].reshape(q.shape)
 
 
+def code_values(nibble: jax.Array, quant_type: str = "nf4") -> jax.Array:
+    """float32 table values of 4-bit codes ``nibble`` (uint8, 0..15), as elementwise selects.
+
+    A chain of 15 compare-and-selects instead of a table gather: XLA fuses it into whatever
+    consumes it (on TPU, into the matmul's operand), where a gather is a separate kernel whose
+    output is written to memory.
+    """
+    table = np.asarray(codes.code_table(quant_type), np.float32)
+    values = jnp.full(nibble.shape, table[0], jnp.float32)
+    for c in range(1, 16):
+        values = jnp.where(nibble == c, table[c], values)
+    return values
+
+
+def dequantize_4bit_halves(q: Quant4bit, dtype: Any = None) -> tuple[jax.Array, jax.Array]:
+    """The even and odd columns of the decoded weight, each ``[..., in / 2]`` in ``dtype``.
+
+    ``hi = W[..., 0::2]`` (the high nibbles) and ``lo = W[..., 1::2]`` (the low nibbles), with
+    exactly ``dequantize_4bit``'s values (``code * absmax`` in float32, rounded once to
+    ``dtype``). Split this way a packed byte's two codes never need interleaving, so the decode
+    is elementwise in the packed array's own layout and ``x @ W^T = x[..., 0::2] @ hi^T +
+    x[..., 1::2] @ lo^T`` can fuse it into the two matmuls. Row layout only (``in`` a multiple
+    of the blocksize).
+    """
+    if not row_layout(q.shape, q.blocksize):
+        raise ValueError(f"dequantize_4bit_halves needs the row layout, got shape {q.shape} "
+                         f"with blocksize {q.blocksize}")
+    dtype = jnp.dtype(dtype or q.dtype)
+    absmax = jax.lax.optimization_barrier(dequantize_absmax(q))  # [..., in / blocksize]
+    scale = jnp.repeat(absmax, q.blocksize // 2, axis=-1)  # [..., in / 2]: a packed byte's block
+    return tuple((code_values(nibble, q.quant_type) * scale).astype(dtype)
+                 for nibble in (q.packed >> 4, q.packed & 0xF))
+
+
 def storage_bits_per_param(q: Quant4bit) -> float:
     """Measured bits of storage per parameter of a quantized tensor."""
     return q.nbytes * 8 / q.size

@@ -1,0 +1,72 @@
+"""The training step compiled for a TPU topology (v5e:2x2, no hardware), in the second venv.
+
+libtpu lives in ``.venv-tpu`` (``make .venv-tpu``), not in the test venv, so the compile runs there
+in a subprocess (``tests/_tpu_compile_worker.py``). Without ``.venv-tpu`` the test is skipped,
+unless ``QLORA_REQUIRE_TPU_COMPILE`` is set (CI that builds the venv), where it fails.
+
+Checked against independent figures: the per-chip arguments against the storage arithmetic of
+the sharded state (NF4 codes and scales, bf16 embeddings and norms, f32 adapters and two AdamW
+moments, the int32 batch); temporaries against a bound from the activations; and in the
+optimized HLO, outside fused computations (the buffers XLA allocates), no float ``[out, in]``
+decoder weight (the NF4 decode is fused into the matmuls) and no ``[..., seq, seq]`` attention
+scores (blockwise causal attention).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TPU_PYTHON = REPO / ".venv-tpu" / "bin" / "python"
+sys.path.insert(0, str(Path(__file__).parent))
+from _tpu_compile_worker import PER_CHIP, SEQ, TINY  # noqa: E402
+
+
+def _compile(mesh: str) -> dict:
+    if not TPU_PYTHON.exists():
+        if os.environ.get("QLORA_REQUIRE_TPU_COMPILE"):
+            pytest.fail(f"QLORA_REQUIRE_TPU_COMPILE is set but {TPU_PYTHON} is missing (make .venv-tpu)")
+        pytest.skip("no .venv-tpu (make .venv-tpu): the TPU compiler is not installed")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    env.pop("XLA_FLAGS", None)
+    r = subprocess.run([str(TPU_PYTHON), str(REPO / "tests" / "_tpu_compile_worker.py"), mesh],
+                       capture_output=True, text=True, env=env, timeout=1800, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert rows, r.stdout[-2000:] + r.stderr[-2000:]
+    return rows[-1]
+
+
+def _expected_argument_bytes(chips_batch: int, chips_weights: int) -> int:
+    """Per-chip bytes of the step's arguments from the storage arithmetic (no padding)."""
+    h, inter, L, V = TINY["hidden_size"], TINY["intermediate_size"], TINY["num_hidden_layers"], TINY["vocab_size"]
+    q = TINY["num_attention_heads"] * TINY["head_dim"]
+    kv = TINY["num_key_value_heads"] * TINY["head_dim"]
+    shapes = [(q, h), (kv, h), (kv, h), (h, q), (inter, h), (inter, h), (h, inter)]
+    r = 8
+    # packed codes + 8-bit absmax + f32 nested absmax and offset
+    nf4 = sum(o * i // 2 + o * i // 64 + 4 * -(-(o * i // 64) // 256) + 4 for o, i in shapes) * L
+    dense = (2 * V * h + (2 * L + 1) * h) * 2  # embeddings, lm_head, norms in bf16
+    adapters = sum(r * (o + i) for o, i in shapes) * L * 4 * 3  # f32 adapters + 2 AdamW moments
+    batch = 5 * PER_CHIP * SEQ * 4  # five int32 [rows, seq] arrays, rows split over chips
+    return (nf4 + dense + adapters) // chips_weights + batch
+
+
+@pytest.mark.slow
+def test_v5e_data_parallel_step_memory_and_hlo():
+    row = _compile("4,1,1")
+    assert row["platform"] == "tpu"
+    expected = _expected_argument_bytes(4, 1)  # data parallel: weights replicated on every chip
+    # TPU pads small arrays to its (8, 128) tiles: allow that much on top, never less than the state.
+    assert expected <= row["arguments"] <= 1.6 * expected, (row["arguments"], expected)
+    # Activations at one 1024-token sequence per chip are a few MiB; 64 MiB catches a decoded
+    # weight kept per layer or a [b, h, s, s] f32 score tensor (4 heads x 4 MiB each).
+    assert 0 < row["temporaries"] < 64 * 2**20, row["temporaries"]
+    assert row["weight_buffers"] == [], row["weight_buffers"]
+    assert row["score_buffers"] == [], row["score_buffers"]
