@@ -3,8 +3,10 @@
 ``dense_sampling=True`` decodes from a copy of the frozen NF4 base dequantized once to the compute
 dtype; ``False`` dequantizes every weight inside every matmul. Both decode the same 4-bit codes to
 the same values (one float32 product rounded once to the dtype) and run the same jitted
-prefill/decode with the same PRNG keys, so the logits are equal (bit for bit on the CPU) and the
-sampled token ids are equal: greedy and seeded sampling (temperature, top-k, top-p) alike. Checked on a
+prefill/decode with the same PRNG keys, so in float32 the logits are equal bit for bit and the
+sampled token ids are equal: greedy and seeded sampling (temperature, top-k, top-p) alike. In
+bfloat16 the quantized path decodes inside the matmul (another summation order): the logits agree
+to bf16 rounding and the draws of this model still agree token for token. Checked on a
 2-layer random LLaMA in NF4 with non-zero adapters, in float32 and (marked slow: CPU bfloat16
 is emulated) bfloat16 compute.
 """
@@ -85,9 +87,19 @@ def test_logits_agree(policy, tok):
     ids = np.asarray([PROMPTS[1]], np.int32)
     quantized = _logits(graphdef, lora, Sampler(graphdef, rest, tok, dense=False, dtype=dtype).rest, ids)
     dense = _logits(graphdef, lora, Sampler(graphdef, rest, tok, dense=True, dtype=dtype).rest, ids)
-    # On the CPU both paths round the same float32 products once and XLA keeps the dot the same:
-    # the logits are bit-identical (measured in float32 and bfloat16), which is why the draws agree.
-    np.testing.assert_array_equal(dense, quantized)
+    if dtype == jnp.float32:
+        # Both paths round the same float32 products once and XLA keeps the dot the same: the
+        # logits are bit-identical, which is why the draws agree.
+        np.testing.assert_array_equal(dense, quantized)
+    else:
+        # bf16/f16 compute: the frozen matmul decodes the 4-bit weight inside the matmul as two
+        # nibble halves (x[..., 0::2] @ hi^T + x[..., 1::2] @ lo^T, float32 accumulation), the
+        # dense copy runs one dot: the same weights, another summation order, so the hidden states
+        # differ by bf16 roundings. Measured 2026-11-30: max |diff| 1.3e-4, max |logit| 7.0. The
+        # bound, 2^-8 of the largest logit, is bf16's precision (8 significant bits).
+        worst, scale = float(np.abs(dense - quantized).max()), float(np.abs(dense).max())
+        print(f"bf16 logits: max |dense - quantized| {worst:.2e}, max |logit| {scale:.2e}")
+        assert worst <= 2**-8 * scale, (worst, scale)
 
 
 def test_dense_and_quantized_sampling_draw_the_same_tokens(policy, tok):
