@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import re
 import subprocess
@@ -232,17 +231,13 @@ def spec_from_config(cfg, target: Target, *, keep_dtype: bool = False) -> StepSp
 
 
 def resolve_mesh(mesh: tuple[int, int, int], n: int) -> tuple[int, int, int]:
-    sizes = list(mesh)
-    if sizes.count(-1) > 1:
-        raise PlanError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if n % known:
-            raise PlanError(f"mesh: the target's {n} chips are not divisible by the fixed axes' product {known}")
-        sizes[sizes.index(-1)] = n // known
-    if math.prod(sizes) != n:
-        raise PlanError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but the target has {n} chips")
-    return tuple(sizes)  # type: ignore[return-value]
+    """The mesh for the target's ``n`` chips (one size may be -1); a mismatch is a PlanError."""
+    from qlora_jax.train.sharding import mesh_sizes  # imports jax: not at module level
+
+    try:
+        return mesh_sizes(mesh, n)
+    except ValueError as e:
+        raise PlanError(str(e)) from e
 
 
 def _batch_chips(mesh: tuple[int, int, int]) -> int:

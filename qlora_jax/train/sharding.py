@@ -50,8 +50,12 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh; one of the sizes may be -1 to take the remaining devices."""
     devices = list(devices) if devices is not None else jax.devices()
-    sizes = [data, fsdp, tensor]
-    n = len(devices)
+    return Mesh(np.asarray(devices).reshape(mesh_sizes((data, fsdp, tensor), len(devices))), MESH_AXES)
+
+
+def mesh_sizes(sizes: Sequence[int], n: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) for ``n`` devices; one size may be -1 to take the remaining devices."""
+    sizes = list(sizes)
     if sizes.count(-1) > 1:
         raise ValueError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     known = math.prod(s for s in sizes if s != -1)
@@ -62,7 +66,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     if math.prod(sizes) != n:
         raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {n} devices "
                          f"(mesh.data={sizes[0]}, mesh.fsdp={sizes[1]}, mesh.tensor={sizes[2]})")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    return tuple(sizes)  # type: ignore[return-value]
 
 
 def _mesh_size(mesh: Mesh, axes: tuple[str, ...] | None) -> int:
