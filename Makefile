@@ -33,7 +33,7 @@ train: $(VENV)/.base
 	$(PY) -m qlora_jax.train --config configs/sft.py $(ARGS)
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check qlora_jax tests bench configs

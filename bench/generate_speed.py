@@ -1,4 +1,4 @@
-"""Decoding speed of ``qlora_jax.generate`` on SmolLM2-135M-Instruct: tokens per second.
+"""Decoding speed of ``qlora_jax.inference.generate`` on SmolLM2-135M-Instruct: tokens per second.
 
     python bench/generate_speed.py [--quantize none,nf4] [--batch 1,4] [--new-tokens 64]
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
 
     from qlora_jax.checkpoints.load import load_model
-    from qlora_jax.generate import Generator
+    from qlora_jax.inference.generate import Generator
 
     rows = []
     prompts = ["What is the capital of France?", "Write a short poem about the sea.",

@@ -70,7 +70,7 @@ def run_case(case: str, model: str) -> dict:
 def model_sizes(model: str) -> dict[str, int]:
     from qlora_jax.checkpoints import gguf_tensor_shapes
     from qlora_jax.checkpoints.load import resolve_source
-    from qlora_jax.inspect import quantized_bytes
+    from qlora_jax.train.footprint import quantized_bytes
 
     _, path = resolve_source(model)
     numel = {n: math.prod(s) for n, s in gguf_tensor_shapes(path).items()}

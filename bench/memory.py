@@ -38,10 +38,11 @@ def main() -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    from qlora_jax.inspect import estimate_memory
-    from qlora_jax.lora import LoraConfig, count_params
+    from qlora_jax.lora import LoraConfig
     from qlora_jax.models import CausalLM, ModelConfig, QuantConfig
+    from qlora_jax.models.params import count_params
     from qlora_jax.train import loop, sharding
+    from qlora_jax.train.footprint import estimate_memory
     from qlora_jax.train.optim import make_optimizer
 
     config = ModelConfig.from_hf(args.config, remat_policy=args.remat)

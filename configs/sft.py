@@ -57,6 +57,7 @@ def get_config() -> ConfigDict:
     c.optim.b1 = 0.9  # Adam beta1
     c.optim.b2 = 0.999  # Adam beta2
     c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.loraplus_lr_ratio = 0.0  # LoRA+: lora_b's learning rate = lr x this (0 = off; the paper uses 16)
     c.optim.offload = False  # keep optimizer state in pinned host memory (paged-optimizer analog)
 
     c.train = ConfigDict()

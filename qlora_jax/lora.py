@@ -19,7 +19,7 @@ import functools
 import math
 import re
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +27,6 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax.errors import UserError
-
-if TYPE_CHECKING:
-    from qlora_jax.models.config import ModelConfig
 
 # The seven linears of a LLaMA / Qwen decoder layer, in HF naming, and the block each lives in.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -181,46 +178,9 @@ def trainable_state(model: nnx.Module) -> nnx.State:
     return nnx.state(model, LoRAParam)
 
 
-@dataclasses.dataclass(frozen=True)
-class ParamCounts:
-    """Analytic parameter counts.
-
-    ``total``: every parameter (base + adapters), tied embeddings counted once.
-    ``trainable``: adapter parameters.
-    ``total_4bit``: as bitsandbytes/PEFT report a 4-bit model: a packed 4-bit weight counts
-    ``numel / 2`` (its uint8 elements); quantization statistics are not counted.
-    """
-
-    total: int
-    trainable: int
-    total_4bit: int
-
-    @property
-    def trainable_percent(self) -> float:
-        """100 * trainable / total_4bit: the figure PEFT prints for a QLoRA model."""
-        return 100.0 * self.trainable / self.total_4bit
-
-    @property
-    def trainable_percent_full(self) -> float:
-        return 100.0 * self.trainable / self.total
-
-
-def count_params(config: ModelConfig, lora: LoraConfig | None = None) -> ParamCounts:
-    """Count parameters from the config alone (no weights), with every decoder linear 4-bit."""
-    shapes = config.linear_shapes()
-    h, n = config.hidden_size, config.num_hidden_layers
-    linear_weights = n * sum(o * i for o, i in shapes.values())
-    biases = n * sum(o for p, (o, _) in shapes.items() if config.linear_has_bias(p))
-    norms = n * (2 * h + (2 * config.head_dim if config.qk_norm else 0)) + h
-    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    adapters = 0
-    if lora is not None:
-        for path in lora.targeted_modules(n):
-            out_f, in_f = shapes[path.rsplit(".", 1)[-1]]
-            adapters += lora.r * (in_f + out_f)
-    unquantized = biases + norms + embeddings + adapters
-    return ParamCounts(total=linear_weights + unquantized, trainable=adapters,
-                       total_4bit=linear_weights // 2 + unquantized)
+def split_model(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
+    """``(graphdef, adapters, frozen rest)``: what jit'd functions take instead of the model."""
+    return nnx.split(model, LoRAParam, ...)
 
 
 def merge_linear(weight: Any, lora_a: Any, lora_b: Any, scale: float) -> np.ndarray:

@@ -55,7 +55,7 @@ def main() -> None:
 
     from qlora_jax.lora import LoraConfig
     from qlora_jax.models import ModelConfig, QuantConfig
-    from qlora_jax.plan import TARGETS, StepSpec, compile_step, target_devices
+    from qlora_jax.train.aot import TARGETS, StepSpec, compile_step, target_devices
 
     target = dataclasses.replace(TARGETS["v5e-8"], name="v5e-4", topology="v5e:2x2", chips=4)
     devices = target_devices(target)

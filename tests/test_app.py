@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import _smollm2 as smol  # noqa: E402
 
-from qlora_jax.app import CLIENT_HEADER, ChatService, make_server  # noqa: E402
+from qlora_jax.inference.app import CLIENT_HEADER, ChatService, make_server  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 MAX_NEW = 8  # tokens per answer: enough to see a stream, short enough for a 2-core CPU
@@ -46,7 +46,7 @@ def embedder():
 @pytest.fixture(scope="module")
 def generator():
     """The real model: loaded once per module (~10 s), shared read-only by the tests that answer."""
-    from qlora_jax.generate import Generator
+    from qlora_jax.inference.generate import Generator
 
     return Generator(smol.ours(None), smol.tokenizer())
 
@@ -348,7 +348,7 @@ def test_upload_then_streamed_answer_equals_the_generators(app):
 ])
 def test_bad_flags_end_in_one_line_before_loading(argv, message, capsys, monkeypatch):
     import qlora_jax.embed
-    from qlora_jax.app import main
+    from qlora_jax.cli.app import main
 
     monkeypatch.setattr(qlora_jax.embed, "default_embedder", lambda: pytest.fail("loaded before the flags were checked"))
     with pytest.raises(SystemExit) as info:

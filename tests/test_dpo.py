@@ -44,12 +44,12 @@ from qlora_jax.data.preference import (  # noqa: E402
     tokenize_pairs,
 )
 from qlora_jax.data.tokenize import TruncationWarning  # noqa: E402
-from qlora_jax.dpo import dpo_loss, reward_accuracy  # noqa: E402
 from qlora_jax.lora import LoraConfig  # noqa: E402
-from qlora_jax.objectives import sequence_logprob  # noqa: E402
+from qlora_jax.objectives.dpo import DPOObjective, dpo_loss, reward_accuracy, sequence_logps  # noqa: E402  # noqa: E402
+from qlora_jax.objectives.logprobs import sequence_logprob  # noqa: E402
 from qlora_jax.train import loop, sharding  # noqa: E402
+from qlora_jax.train.evaluation import EarlyStopping  # noqa: E402
 from qlora_jax.train.metrics import read_metrics  # noqa: E402
-from qlora_jax.train.preference import DPOObjective, EarlyStopping, sequence_logps  # noqa: E402
 
 LOG2 = math.log(2.0)
 DEMO = REPO / "data/dpo_demo"
@@ -156,7 +156,7 @@ def test_zero_delta_gives_log2_and_ties_are_not_accurate():
 @pytest.mark.parametrize("chunk", [5, 512])
 def test_sequence_logprob_skips_unmasked_chunks_exactly(chunk):
     """The masked-first, chunk-skipping sequence log-prob and its gradient equal the dense formula."""
-    from qlora_jax.objectives import token_nll
+    from qlora_jax.objectives.logprobs import token_nll
 
     rng = np.random.default_rng(3)
     h = rng.standard_normal((4, 13, 16)).astype(np.float32)
@@ -358,7 +358,7 @@ def test_early_stopping_state():
 
 
 def test_config_checks_name_the_key():
-    from qlora_jax.train.config_check import ConfigError, validate_config
+    from qlora_jax.train.config import ConfigError, validate_config
 
     validate_config(dpo_config.get_config())
     validate_config(sft_config.get_config())
@@ -412,7 +412,7 @@ def _train_cli(overrides: dict, env_extra: dict | None = None, cache: Path | Non
 def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, tmp_path):
     """lr 0: the policy stays the reference, reward accuracy never beats its first value, so the run
     stops after `patience` evaluations; best_adapter is a PEFT adapter; a rerun does not train on."""
-    from qlora_jax.train.run import run
+    from qlora_jax.train.trainer import run
 
     cfg = _set(dpo_config.get_config(), _dpo_overrides(
         tiny_model_dir, tmp_path / "run", **{"optim.lr": 0.0, "train.early_stopping_patience": 1,
@@ -433,7 +433,7 @@ def test_dpo_from_sft_adapters_starts_at_log2_and_resumes_after_sigkill(tiny_mod
     """With model.init_from an SFT run, the reference is its adapters frozen: Delta = 0 at step 0
     (loss log 2) although the adapters are far from zero. A run killed at step 5 and resumed logs
     the same losses as an uninterrupted one (the frozen reference comes back from the checkpoint)."""
-    from qlora_jax.train.run import run
+    from qlora_jax.train.trainer import run
 
     sft = sft_config.get_config()
     _set(sft, {"workdir": str(tmp_path / "sft"), "model.source": str(tiny_model_dir), "data.eval": "",

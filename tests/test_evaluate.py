@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from _support import require
 
-from qlora_jax.evaluate import (
+from qlora_jax.inference.evaluate import (
     LETTERS,
     MCQAError,
     MCQAScorer,

@@ -31,7 +31,7 @@ torch = require("torch")
 transformers = require("transformers")
 peft = require("peft")
 
-from qlora_jax import export as export_lib  # noqa: E402
+from qlora_jax.checkpoints import export as export_lib  # noqa: E402
 from qlora_jax.checkpoints import (  # noqa: E402
     gguf_config,
     gguf_tokenizer,
@@ -39,11 +39,13 @@ from qlora_jax.checkpoints import (  # noqa: E402
     iter_gguf_tensors,
     open_gguf,
     resolve_builtin,
+    run_dir,  # noqa: E402
 )
 from qlora_jax.checkpoints.gguf_reader import unpermute_rotary  # noqa: E402
 from qlora_jax.checkpoints.gguf_writer import hf_to_gguf_name, permute_rotary, save_gguf  # noqa: E402
 from qlora_jax.checkpoints.load import load_model  # noqa: E402
 from qlora_jax.checkpoints.peft_io import save_peft_adapter  # noqa: E402
+from qlora_jax.cli import export as export_cli  # noqa: E402
 from qlora_jax.lora import LoraConfig, LoRAParam  # noqa: E402
 from qlora_jax.models import iter_hf_tensors  # noqa: E402
 
@@ -133,12 +135,12 @@ def max_abs(a, b) -> float:
 
 def test_read_run_from_summary_and_adapter(nf4_run, base_dir):
     workdir, model, _ = nf4_run
-    run = export_lib.read_run(workdir)
+    run = run_dir.read_run(workdir)
     assert run.source == str(base_dir) and run.quantize == "nf4"
     assert run.adapter_dir == workdir / "adapter" and run.checkpoint is None
     assert (run.lora.r, run.lora.alpha, run.lora.use_rslora) == (LORA.r, LORA.alpha, LORA.use_rslora)
     assert run.lora.targeted_modules(2) == LORA.targeted_modules(2)
-    rebuilt, _ = export_lib.load_run_model(run, with_tokenizer=False)
+    rebuilt, _ = run_dir.load_run_model(run, with_tokenizer=False)
     for ours, back in zip(model.iter_linears(), rebuilt.iter_linears()):
         np.testing.assert_array_equal(back.lora_b(), ours.lora_b())
         np.testing.assert_array_equal(back.base_weight(), ours.base_weight())  # same NF4 codes
@@ -149,7 +151,7 @@ def test_read_run_from_orbax_checkpoint(tmp_path, base_dir):
     newest Orbax checkpoint, as the trainer writes it (items lora, train {opt_state, rng}, meta)."""
     import optax
 
-    from qlora_jax.train.checkpoint import RunCheckpoints
+    from qlora_jax.checkpoints.run_dir import RunCheckpoints
 
     lora = LoraConfig(r=2, alpha=4.0, targets=("q_proj", "v_proj"))
     model, _ = load_model(base_dir, quantize=None, lora=lora, with_tokenizer=False)
@@ -163,7 +165,7 @@ def test_read_run_from_orbax_checkpoint(tmp_path, base_dir):
         ckpts.save(step, lora_state, train_state, {"step": step, "data": {}, "lora": record})
     ckpts.close()
 
-    run = export_lib.read_run(tmp_path)
+    run = run_dir.read_run(tmp_path)
     assert run.checkpoint == tmp_path / "checkpoints" / "10" and run.adapter_dir is None
     assert (run.source, run.quantize, run.lora.targets) == (str(base_dir), None, ("q_proj", "v_proj"))
     # Checkpoints written before the adapters had their own item: state = {lora, opt_state, rng}.
@@ -173,7 +175,7 @@ def test_read_run_from_orbax_checkpoint(tmp_path, base_dir):
     with ocp.StandardCheckpointer() as checkpointer:  # saves asynchronously; leaving the block waits
         checkpointer.save((old / "state").absolute(), {"lora": nnx.state(model, LoRAParam), "rng": 0})
     rebuilt, _ = load_model(base_dir, quantize=None, lora=lora, with_tokenizer=False)
-    export_lib.load_orbax_adapters(rebuilt, old)
+    run_dir.load_orbax_adapters(rebuilt, old)
     for a, b in zip(jax.tree.leaves(nnx.state(rebuilt, LoRAParam)), jax.tree.leaves(nnx.state(model, LoRAParam))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -188,17 +190,17 @@ def test_read_run_from_orbax_checkpoint(tmp_path, base_dir):
 
 def test_errors_name_what_is_missing(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        export_lib.main(["--workdir", str(tmp_path / "nope"), "--format", "merged"])
+        export_cli.main(["--workdir", str(tmp_path / "nope"), "--format", "merged"])
     assert exit_info.value.code == 2 and str(tmp_path / "nope") in capsys.readouterr().err
 
     (tmp_path / "summary.json").write_text(json.dumps({"model": "smollm2-135m-instruct", "quantize": "nf4"}))
-    with pytest.raises(export_lib.ExportError, match=r"neither adapter/ .* nor an Orbax checkpoint"):
-        export_lib.read_run(tmp_path)
+    with pytest.raises(run_dir.RunDirError, match=r"neither adapter/ .* nor an Orbax checkpoint"):
+        run_dir.read_run(tmp_path)
     (tmp_path / "adapter").mkdir()
-    with pytest.raises(export_lib.ExportError, match="adapter_config.json"):
-        export_lib.read_run(tmp_path)
+    with pytest.raises(run_dir.RunDirError, match="adapter_config.json"):
+        run_dir.read_run(tmp_path)
     with pytest.raises(SystemExit):  # argparse: unknown format
-        export_lib.main(["--workdir", str(tmp_path), "--format", "onnx"])
+        export_cli.main(["--workdir", str(tmp_path), "--format", "onnx"])
 
 
 def test_cli_help():
@@ -512,7 +514,7 @@ def test_permute_rotary_is_the_readers_inverse(n_heads):
 def test_cli_writes_gguf(nf4_run, tmp_path, capsys):
     workdir, _, _ = nf4_run
     out = tmp_path / "cli.gguf"
-    path = export_lib.main(["--workdir", str(workdir), "--format", "gguf", "--gguf-type", "Q4_0", "--out", str(out)])
+    path = export_cli.main(["--workdir", str(workdir), "--format", "gguf", "--gguf-type", "Q4_0", "--out", str(out)])
     assert path == out and out.is_file() and f"gguf: {out}" in capsys.readouterr().out
     assert open_gguf(out).fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_0)
 
@@ -542,7 +544,7 @@ def test_merged_export_refuses_a_users_model_directory(plain_run, tmp_path, caps
     _no_loading(monkeypatch)
     for flags in ([], ["--overwrite"]):  # files no export wrote: refused even with --overwrite
         with pytest.raises(SystemExit) as exit_info:
-            export_lib.main(["--workdir", str(workdir), "--format", "merged", "--out", str(users), *flags])
+            export_cli.main(["--workdir", str(workdir), "--format", "merged", "--out", str(users), *flags])
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
         assert err == (f"error: --out {users} holds config.json and 1 more file, which no export wrote there; "
@@ -559,7 +561,7 @@ def test_gguf_export_refuses_an_existing_file_unless_overwrite(nf4_run, tmp_path
     with monkeypatch.context() as m:
         _no_loading(m)
         with pytest.raises(SystemExit) as exit_info:
-            export_lib.main(["--workdir", str(workdir), "--format", "gguf", "--out", str(existing)])
+            export_cli.main(["--workdir", str(workdir), "--format", "gguf", "--out", str(existing)])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2
     assert err == f"error: --out {existing} already exists; pass --overwrite to replace it, or choose another --out"
@@ -567,7 +569,7 @@ def test_gguf_export_refuses_an_existing_file_unless_overwrite(nf4_run, tmp_path
     with pytest.raises(export_lib.ExportError, match="is a directory"):
         export_lib.export(workdir, "gguf", tmp_path)
 
-    path = export_lib.main(["--workdir", str(workdir), "--format", "gguf", "--gguf-type", "F16", "--out",
+    path = export_cli.main(["--workdir", str(workdir), "--format", "gguf", "--gguf-type", "F16", "--out",
                             str(existing), "--overwrite"])
     assert path == existing and open_gguf(existing).fields["general.file_type"].contents() == \
         int(gguf.LlamaFileType.MOSTLY_F16)

@@ -13,7 +13,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from qlora_jax.data.filter import max_similarity, parse_targets, run, sample_text, select  # noqa: E402
+from qlora_jax.data.selection import max_similarity, parse_targets, run, sample_text, select  # noqa: E402
 from qlora_jax.data.sources import DataError  # noqa: E402
 
 TRAIN = [  # mixed formats in one pool: alpaca (input present / absent), chat, MCQA, text

@@ -22,7 +22,8 @@ import pytest
 from _support import require
 from flax import nnx
 
-from qlora_jax.generate import Generator, SamplingParams, bucket_length, main, sampling_mask
+from qlora_jax.cli.generate import main
+from qlora_jax.inference.generate import Generator, SamplingParams, bucket_length, sampling_mask
 from qlora_jax.lora import LoraConfig, LoRAParam
 from qlora_jax.models import CausalLM, ModelConfig
 
@@ -197,7 +198,7 @@ def test_no_recompilation_within_a_bucket():
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     model = CausalLM(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
     gen = Generator(model, stop_token_ids=[1], pad_token_id=0)
-    from qlora_jax import generate as generate_lib
+    from qlora_jax.inference import generate as generate_lib
 
     gen.generate([[5, 6, 7], [8] * 11], max_new_tokens=10)
     sizes = (generate_lib.prefill._cache_size(), generate_lib.decode_steps._cache_size())
@@ -210,7 +211,7 @@ def test_no_recompilation_within_a_bucket():
 
 
 def test_cli_prints_the_answer(monkeypatch, capsys):
-    import qlora_jax.generate as generate_lib
+    import qlora_jax.cli.generate as generate_lib
 
     monkeypatch.setattr(generate_lib, "load_for_inference",
                         lambda model, adapter, quantize: (smol.ours(), smol.tokenizer(), "smollm2 f32"))

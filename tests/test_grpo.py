@@ -28,22 +28,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from configs import grpo as grpo_config  # noqa: E402
-from qlora_jax import grpo as grpo_lib  # noqa: E402
-from qlora_jax import rewards as rewards_lib  # noqa: E402
 from qlora_jax.checkpoints import gguf_tokenizer, resolve_builtin  # noqa: E402
 from qlora_jax.checkpoints.load import load_model  # noqa: E402
-from qlora_jax.grpo import build_batch  # noqa: E402
 from qlora_jax.lora import LoraConfig  # noqa: E402
-from qlora_jax.objectives import sequence_logprob  # noqa: E402
-from qlora_jax.train import loop  # noqa: E402
-from qlora_jax.train.config_check import ConfigError  # noqa: E402
-from qlora_jax.train.grpo_run import (  # noqa: E402
+from qlora_jax.objectives import grpo as grpo_lib  # noqa: E402
+from qlora_jax.objectives import rewards as rewards_lib  # noqa: E402
+from qlora_jax.objectives.grpo import (  # noqa: E402
     GRPOObjective,
-    PromptIterator,
+    build_batch,  # noqa: E402
     policy_logps,
-    validate_grpo_config,
 )
+from qlora_jax.objectives.logprobs import sequence_logprob  # noqa: E402
+from qlora_jax.train import loop  # noqa: E402
+from qlora_jax.train.config import ConfigError  # noqa: E402
+from qlora_jax.train.config import validate_config as validate_grpo_config  # noqa: E402
 from qlora_jax.train.metrics import read_metrics  # noqa: E402
+from qlora_jax.train.rollout import PromptIterator  # noqa: E402
 
 LOSS_TYPES = grpo_lib.LOSS_TYPES
 
@@ -386,6 +386,27 @@ def test_format_and_exact_match_rewards_on_crafted_strings():
     assert rewards_lib.normalize_answer("Paris ") == rewards_lib.normalize_answer("paris.")
     with pytest.raises(rewards_lib.RewardError, match="'answer' column"):
         rewards_lib.exact_match_reward(None, texts)
+
+
+def test_prompt_iterator_state_names_its_prompts():
+    """A GRPO checkpoint's prompt position is refused on other prompts (as the SFT/DPO iterators'
+    positions are on other data), accepted on the same ones and from checkpoints without a fingerprint."""
+    from qlora_jax.train.rollout import PromptExample
+
+    prompts = [PromptExample("a", [1, 2, 3], {}), PromptExample("b", [4, 5], {}), PromptExample("c", [6], {})]
+    it = PromptIterator(3, 2, seed=1, prompts=prompts)
+    it.next_indices()
+    state = it.state()
+    same = PromptIterator(3, 2, seed=1, prompts=[PromptExample(p.prompt, list(p.prompt_ids), {}) for p in prompts])
+    same.restore(state)
+    assert same.state() == state and same.next_indices() == it.next_indices()
+    changed = prompts[:2] + [PromptExample("c", [7], {})]
+    for other in (PromptIterator(3, 2, seed=1, prompts=changed), PromptIterator(3, 1, seed=1, prompts=prompts)):
+        with pytest.raises(ValueError, match="different prompts or batching settings"):
+            other.restore(state)
+    older = PromptIterator(3, 2, seed=1, prompts=changed)
+    older.restore({"epoch": 0, "position": 2})  # written before positions carried a fingerprint
+    assert older.state()["position"] == 2
 
 
 def test_reward_functions_resolve_by_name_and_path(tmp_path):

@@ -22,11 +22,11 @@ from flax import nnx
 
 from qlora_jax.checkpoints import gguf_tokenizer, resolve_builtin
 from qlora_jax.checkpoints.load import load_model
-from qlora_jax.generate import SamplingParams
+from qlora_jax.inference.generate import SamplingParams
 from qlora_jax.lora import LoraConfig
 from qlora_jax.quant import Quant4bit
 from qlora_jax.train import loop
-from qlora_jax.train.grpo_run import Sampler
+from qlora_jax.train.rollout import Sampler
 
 PROMPTS = [[1, 504, 2393, 314, 260], [1, 19, 7, 1024, 9, 33, 870, 41], [1, 76]]  # different lengths
 NEW_TOKENS = 12

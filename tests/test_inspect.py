@@ -9,8 +9,8 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from qlora_jax.inspect import quantized_bytes
 from qlora_jax.quant import quantize_4bit
+from qlora_jax.train.footprint import quantized_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_8B = REPO.parent / "shared/model_configs/llama-3.1-8b-instruct.json"

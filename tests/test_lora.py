@@ -40,7 +40,6 @@ from qlora_jax.lora import (  # noqa: E402
     PROJECTIONS,
     LoraConfig,
     LoRAParam,
-    count_params,
     init_adapters,
     merge_lora,
     peft_adapter_tensors,
@@ -56,6 +55,7 @@ from qlora_jax.models import (  # noqa: E402
     build_model,
     iter_hf_tensors,
 )
+from qlora_jax.models.params import count_params  # noqa: E402
 
 LLAMA_8B = SHARED / "model_configs/llama-3.1-8b-instruct.json"
 

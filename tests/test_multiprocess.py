@@ -49,7 +49,10 @@ def _losses(workdir: Path) -> list[tuple[int, float]]:
 
 
 def test_two_processes_equal_one_process(tiny_model_dir, tmp_path):  # noqa: F811
-    single = subprocess.run(_cmd(tiny_model_dir, tmp_path / "single"), cwd=REPO, env=_env(4),
+    # The one-process runs (before and after the two-process one) share an XLA compilation cache:
+    # the resumed run reuses the programs the first compiled instead of compiling them again.
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    single = subprocess.run(_cmd(tiny_model_dir, tmp_path / "single"), cwd=REPO, env=_env(4, **cache),
                             capture_output=True, text=True, timeout=900)
     assert single.returncode == 0, single.stderr[-3000:]
 
@@ -74,7 +77,7 @@ def test_two_processes_equal_one_process(tiny_model_dir, tmp_path):  # noqa: F81
     # Preempted after step 2: drop the step-4 checkpoint; one process (4 devices) resumes the
     # two-process run's step-2 checkpoint and reproduces steps 3 and 4.
     shutil.rmtree(tmp_path / "multi/checkpoints/4")
-    resumed = subprocess.run(_cmd(tiny_model_dir, tmp_path / "multi"), cwd=REPO, env=_env(4),
+    resumed = subprocess.run(_cmd(tiny_model_dir, tmp_path / "multi"), cwd=REPO, env=_env(4, **cache),
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr

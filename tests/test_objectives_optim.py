@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from _support import require
 
-from qlora_jax.objectives import masked_nll_sum, sequence_logprob, token_nll
+from qlora_jax.objectives.logprobs import masked_nll_sum, sequence_logprob, token_nll
 from qlora_jax.train.optim import learning_rate_schedule, make_optimizer
 
 
@@ -96,6 +96,55 @@ def test_optimizer_is_adamw_after_global_norm_clipping():
     expect_a = -1e-2 * (mhat / (np.sqrt(vhat) + 1e-8) + 0.01 * np.asarray([1.0, -2.0]))
     np.testing.assert_allclose(np.asarray(updates["a"]), expect_a, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(updates["b"]), -1e-2 * 0.01 * 0.5 * np.ones((1, 1)), rtol=1e-5)
+
+
+def test_loraplus_steps_equal_peft_loraplus_optimizer():
+    """LoRA+ against peft's ``create_loraplus_optimizer`` (torch AdamW, lora_B at lr x ratio) on the
+    same adapters and gradients: three steps of clipping + AdamW + decoupled decay, to float32
+    rounding; and ratio 0 is the plain optimizer."""
+    torch = require("torch")
+    peft = require("peft")
+    from peft.optimizers import create_loraplus_optimizer
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    lora_a = model.base_model.model[0].lora_A["default"].weight
+    lora_b = model.base_model.model[0].lora_B["default"].weight
+    with torch.no_grad():
+        lora_b.normal_()  # B = 0 at init would hide B's learning rate in the first step
+    lr, ratio, wd = 1e-2, 16.0, 0.01
+    opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
+                                    loraplus_weight_decay=wd, eps=1e-8, betas=(0.9, 0.999))
+    tx, _ = make_optimizer(lr=lr, total_steps=10, warmup_ratio=0.0, schedule="constant", weight_decay=wd,
+                           max_grad_norm=0.3, loraplus_lr_ratio=ratio)
+    start_b = lora_b.detach().numpy().copy()
+    params = {"proj": {"lora_a": jnp.asarray(lora_a.detach().numpy()), "lora_b": jnp.asarray(start_b)}}
+    state = tx.init(params)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        ga, gb = rng.normal(size=lora_a.shape).astype(np.float32), rng.normal(size=lora_b.shape).astype(np.float32)
+        lora_a.grad, lora_b.grad = torch.from_numpy(ga.copy()), torch.from_numpy(gb.copy())
+        torch.nn.utils.clip_grad_norm_([lora_a, lora_b], 0.3)
+        opt.step()
+        updates, state = tx.update({"proj": {"lora_a": jnp.asarray(ga), "lora_b": jnp.asarray(gb)}}, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+    # optax forms Adam's bias correction 1 - 0.999^t in float32 (1.3e-5 relative error at t=1; torch
+    # uses Python floats): at B's learning rate of 0.16 that is ~3e-6 after three steps, for plain
+    # optax.adamw as much as here. A wrong ratio misses by ~0.1.
+    np.testing.assert_allclose(np.asarray(params["proj"]["lora_a"]), lora_a.detach().numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(params["proj"]["lora_b"]), lora_b.detach().numpy(), rtol=0, atol=1e-5)
+    assert np.abs(np.asarray(params["proj"]["lora_b"]) - start_b).max() > 0.3  # B moved at lr x 16
+
+    plain, _ = make_optimizer(lr=lr, total_steps=10, warmup_ratio=0.0, schedule="constant", weight_decay=wd,
+                              max_grad_norm=0.3, loraplus_lr_ratio=0.0)
+    p0 = {"proj": {"lora_a": jnp.ones((2, 6)), "lora_b": jnp.ones((5, 2))}}
+    g0 = {"proj": {"lora_a": jnp.full((2, 6), 0.1), "lora_b": jnp.full((5, 2), 0.1)}}
+    u_plain, _ = plain.update(g0, plain.init(p0), p0)
+    u_plus, _ = tx.update(g0, tx.init(p0), p0)
+    np.testing.assert_allclose(np.asarray(u_plus["proj"]["lora_a"]), np.asarray(u_plain["proj"]["lora_a"]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(u_plus["proj"]["lora_b"]), ratio * np.asarray(u_plain["proj"]["lora_b"]),
+                               rtol=1e-6)
 
 
 def test_masked_nll_gradient_equals_log_softmax_gradient_and_projects_vocab_twice():

@@ -237,7 +237,7 @@ def test_index_errors(tmp_path, embedder):
 
 
 def test_cli_build_add_query(tmp_path, capsys):
-    from qlora_jax.rag.__main__ import main
+    from qlora_jax.cli.rag import main
 
     (tmp_path / "extra.txt").write_text("The okapi is a relative of the giraffe.\n")
     assert main(["build", "--corpus", str(CORPUS), "--index", str(tmp_path / "ix")]) == 0
@@ -258,7 +258,7 @@ def test_shipped_corpus_covers_the_mcqa_set(corpus_index, tmp_path):
     text (a word-boundary match) for all 56 questions of ``data/mcqa_demo.jsonl``, and the record
     ``evaluate`` writes per question says so."""
     from configs import eval_mcqa
-    from qlora_jax.evaluate import load_mcqa, retrieve_passages
+    from qlora_jax.inference.evaluate import load_mcqa, retrieve_passages
 
     items = load_mcqa(REPO / "data/mcqa_demo.jsonl")
     assert len(items) == 56
@@ -291,7 +291,7 @@ def test_rag_prompts_scored_as_transformers_scores_them(tmp_path, corpus_index):
     import _smollm2 as smol
 
     from configs import eval_mcqa
-    from qlora_jax.evaluate import format_prompt, load_mcqa, run
+    from qlora_jax.inference.evaluate import format_prompt, load_mcqa, run
 
     tok = smol.tokenizer()
     cfg_t = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

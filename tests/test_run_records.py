@@ -1,7 +1,7 @@
 """The LoRA record kept with every checkpoint is checked where adapters are restored: resuming a
 run (``workdir`` already holds checkpoints) and starting one from another run's adapters
 (``model.init_from``). A different rank, alpha, target set or rslora is refused with a
-:class:`~qlora_jax.train.checkpoint.CheckpointMismatch` (a ``UserError``: one ``error:`` line)
+:class:`~qlora_jax.checkpoints.run_dir.CheckpointMismatch` (a ``UserError``: one ``error:`` line)
 naming each differing key, before anything is restored or written.
 
 The record check alone runs on small pytrees; the trainer on a 2-layer random LLaMA (no torch).
@@ -19,8 +19,8 @@ from _support import REPO, write_tiny_llama
 sys.path.insert(0, str(REPO))
 
 from configs import sft as sft_config  # noqa: E402
+from qlora_jax.checkpoints import run_dir as ckpt_lib  # noqa: E402
 from qlora_jax.errors import UserError  # noqa: E402
-from qlora_jax.train import checkpoint as ckpt_lib  # noqa: E402
 
 RECORD = {"r": 4, "alpha": 8.0, "targets": "all-linear", "use_rslora": False, "init": "gaussian"}
 
@@ -95,7 +95,7 @@ def _files(directory):
 
 @pytest.mark.slow  # three trainer starts (~35 s of CPU); the check itself is tested above in ~1 s
 def test_trainer_refuses_a_different_lora_on_resume_and_on_init_from(tiny_model_dir, tmp_path):
-    from qlora_jax.train.run import run
+    from qlora_jax.train.trainer import run
 
     first = tmp_path / "first"
     run(_config(tiny_model_dir, first, steps=1))  # one step: its checkpoint holds the record
@@ -119,3 +119,14 @@ def test_trainer_refuses_a_different_lora_on_resume_and_on_init_from(tiny_model_
     assert str(info.value) == (f"model.init_from={first}: LoRA config differs from the checkpoint's:\n"
                                "  lora.alpha: checkpoint has 8.0, config has 16.0")
     assert not (second / "checkpoints").exists() or not any((second / "checkpoints").iterdir())
+
+    # resume on changed training data: the saved data position names other data; one line, nothing written
+    changed = tmp_path / "changed.jsonl"
+    lines = (tiny_model_dir / "train.jsonl").read_text().splitlines()
+    changed.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same rows in another order
+    cfg = _config(tiny_model_dir, first, steps=2)
+    cfg.data.train = str(changed)
+    with pytest.raises(ckpt_lib.CheckpointMismatch, match=r"checkpoints/1: the saved data-iterator state belongs to "
+                       r"different data .* resume with the data and batch settings it was trained with"):
+        run(cfg)
+    assert _files(first / "checkpoints") == saved

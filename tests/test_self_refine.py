@@ -53,8 +53,8 @@ def _config(model_dir: Path, data: Path, workdir: Path):
 
 @pytest.fixture(scope="module")
 def scenario(tiny_model_dir, tmp_path_factory):  # noqa: F811
-    from qlora_jax.pipelines.self_refine import run_pipeline
-    from qlora_jax.train.run import run
+    from qlora_jax.pipelines.refinement import run_pipeline
+    from qlora_jax.train.trainer import run
 
     root = tmp_path_factory.mktemp("self_refine")
     data = root / "samples.jsonl"
@@ -235,7 +235,7 @@ def test_stage2_waits_for_other_shards(scenario, tiny_model_dir, tmp_path):  # n
     """Shard 0/2 owns fold 0; its Stage-2 job needs Stage-1 fold 1, which shard 1/2 has not run."""
     import shutil
 
-    from qlora_jax.pipelines.self_refine import WaitingForShards, run_pipeline
+    from qlora_jax.pipelines.refinement import WaitingForShards, run_pipeline
 
     wd = tmp_path / "pipe"
     (wd / "stage1/seed0").mkdir(parents=True)
@@ -251,7 +251,7 @@ def test_stage2_waits_for_other_shards(scenario, tiny_model_dir, tmp_path):  # n
 
 
 def test_changed_settings_are_refused(tmp_path):
-    from qlora_jax.pipelines.self_refine import check_plan
+    from qlora_jax.pipelines.refinement import check_plan
 
     check_plan(tmp_path, {"lora.r": 8, "pipeline.folds": 5})
     with pytest.raises(plan_lib.PlanError, match="pipeline.folds: 5 -> 2"):

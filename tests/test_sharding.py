@@ -50,3 +50,75 @@ def test_logical_axes_table():
     assert la("layers/self_attn/k_proj/weight/nested_absmax", (30, 4)) == (None, "blocks")
     assert la("embed_tokens/weight", (49152, 576)) == ("vocab", "embed")
     assert la("norm/weight", (576,)) == (None,)
+
+
+def test_every_leaf_of_the_model_is_declared():
+    """Each array of tiny LLaMA / Qwen3 models (NF4 with double quant, LoRA) has a declaration
+    (qlora_jax.models.params) that matches its shape and dtype, and a spec; a few specs are
+    written out by hand. A name nobody declared raises instead of being replicated."""
+    import jax
+    import jax.numpy as jnp
+    import pytest
+    from flax import nnx
+    from jax.sharding import AbstractMesh
+    from jax.sharding import PartitionSpec as P
+
+    from qlora_jax.lora import LoraConfig
+    from qlora_jax.models import CausalLM, ModelConfig, QuantConfig
+    from qlora_jax.models.params import UndeclaredParamError, resolve_dtype
+
+    mesh = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    quant, lora = QuantConfig(blocksize=64, double_quant=True), LoraConfig(r=8)
+    # Hand-written: [layers, out, in/2] codes of q_proj: heads over tensor, hidden over fsdp;
+    # lora_a [layers, r, in] / lora_b [layers, out, r] keep r whole; absmax [layers, 64, 64/64]:
+    # the last dim (1) is not divisible; norms are replicated.
+    expected = {
+        "embed_tokens.weight": P("tensor", "fsdp"),
+        "layers.self_attn.q_proj.weight.packed": P(None, "tensor", "fsdp"),
+        "layers.self_attn.o_proj.weight.absmax": P(None, "fsdp", None),
+        "layers.mlp.down_proj.lora_a": P(None, None, "tensor"),
+        "layers.mlp.up_proj.lora_b": P(None, "tensor", None),
+        "layers.self_attn.k_proj.weight.nested_absmax": P(None, None),
+        "layers.post_attention_layernorm.weight": P(None, None),
+        "norm.weight": P(None),
+    }
+    per_model = {
+        "llama": {"layers.self_attn.q_proj.bias": P(None, "tensor"), "lm_head.weight": P("tensor", "fsdp")},
+        "qwen3": {"layers.self_attn.q_norm.weight": P(None, None), "layers.self_attn.o_proj.bias": P(None, "fsdp")},
+    }
+    for model_type, extra in (("llama", dict(attention_bias=True, mlp_bias=True)),
+                              ("qwen3", dict(attention_bias=True, tie_word_embeddings=True))):
+        config = ModelConfig.from_hf(dict(base, model_type=model_type, **extra))
+        model = nnx.eval_shape(lambda c=config: CausalLM(c, quant=quant, lora=lora, dtype=jnp.float32,
+                                                          rngs=nnx.Rngs(0)))
+        state = nnx.state(model)
+        leaves = {}
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+            keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+            leaves[".".join(k for k in keys if k != "value")] = leaf
+        declared = config.param_specs(quant=quant, lora=lora)
+        assert set(leaves) == set(declared)
+        for name, leaf in leaves.items():
+            spec = declared[name]
+            assert leaf.shape == spec.stored_shape(config.num_hidden_layers), name
+            assert leaf.dtype == resolve_dtype(spec.dtype, param_dtype="float32", lora_dtype=lora.dtype), name
+        shardings = sharding.shardings_for_state(mesh, state)  # raises on an undeclared leaf
+        specs = {}
+        for path, sh in jax.tree_util.tree_leaves_with_path(shardings):
+            keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+            specs[".".join(k for k in keys if k != "value")] = sh.spec
+        load_spec = sharding.param_sharding_fn(mesh)
+        for name, want in {**expected, **per_model[model_type]}.items():
+            assert specs[name] == want, (model_type, name, specs[name])
+            assert load_spec(name, leaves[name].shape) == want, (model_type, name)
+        assert "lm_head.weight" not in specs if config.tie_word_embeddings else "lm_head.weight" in specs
+
+    for bad in ("layers/self_attn/rotary/weight", "layers.mlp.up_proj.scale", "norm/bias", "lm_head/lora_a"):
+        with pytest.raises(UndeclaredParamError):
+            sharding.logical_axes_for(bad, (2, 8))
+    with pytest.raises(UndeclaredParamError):
+        sharding.param_sharding_fn(mesh)("layers.self_attn.q_proj.gate", (2, 64))
+    with pytest.raises(UndeclaredParamError):
+        sharding.shardings_for_state(mesh, {"layers": {"mlp": {"extra": {"weight": jnp.zeros((2, 4))}}}})

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from configs import sft as sft_config  # noqa: E402
 from qlora_jax.checkpoints import gguf_tokenizer, resolve_builtin  # noqa: E402
+from qlora_jax.objectives.sft import nll_sums  # noqa: E402
 from qlora_jax.train.metrics import read_metrics  # noqa: E402
 
 
@@ -74,10 +75,20 @@ def _config(model_dir: Path, workdir: Path, **overrides):
     return c
 
 
-def _train_cli(config_overrides: dict, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory) -> Path:
+    """A persistent XLA compilation cache shared by this module's CLI runs (as in test_dpo and
+    test_grpo): the same programs compile once, not once per process."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+def _train_cli(config_overrides: dict, env_extra: dict | None = None,
+               cache: Path | None = None) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "qlora_jax.train", "--config", str(REPO / "configs/sft.py")]
     args += [f"--config.{k}={v}" for k, v in config_overrides.items()]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    if cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -90,14 +101,15 @@ def _cli_overrides(model_dir: Path, workdir: Path) -> dict:
     }
 
 
-def test_killed_run_resumes_with_identical_losses(tiny_model_dir, tmp_path):
-    ref = _train_cli(_cli_overrides(tiny_model_dir, tmp_path / "ref"))
+def test_killed_run_resumes_with_identical_losses(tiny_model_dir, tmp_path, xla_cache):
+    ref = _train_cli(_cli_overrides(tiny_model_dir, tmp_path / "ref"), cache=xla_cache)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    killed = _train_cli(_cli_overrides(tiny_model_dir, tmp_path / "killed"), {"QLORA_FAULT_KILL_AT_STEP": "5"})
+    killed = _train_cli(_cli_overrides(tiny_model_dir, tmp_path / "killed"), {"QLORA_FAULT_KILL_AT_STEP": "5"},
+                        xla_cache)
     assert killed.returncode == -9, killed.stderr[-3000:]
     ckpts = sorted(int(p.name) for p in (tmp_path / "killed/checkpoints").iterdir() if p.name.isdigit())
     assert ckpts and max(ckpts) == 4  # steps 2 and 4 were saved; step 6 never happened
-    resumed = _train_cli(_cli_overrides(tiny_model_dir, tmp_path / "killed"))
+    resumed = _train_cli(_cli_overrides(tiny_model_dir, tmp_path / "killed"), cache=xla_cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
 
@@ -125,7 +137,8 @@ def test_train_learns_and_exports_peft_adapter(tiny_model_dir, tmp_path):
 
     from qlora_jax.checkpoints.load import load_model
     from qlora_jax.checkpoints.peft_io import load_peft_adapter
-    from qlora_jax.train.run import lora_config_from, run
+    from qlora_jax.train.config import lora_config_from
+    from qlora_jax.train.trainer import run
 
     cfg = _config(tiny_model_dir, tmp_path / "run", **{"model.quantize": "none", "train.max_steps": 8,
                                                       "optim.lr": 1e-2})
@@ -195,7 +208,7 @@ def test_gradient_accumulation_equals_big_batch(tiny_model_dir):
     batch = {k: jnp.asarray(v) for k, v in big.items()}
 
     def mean_loss(adapters):
-        s, n = loop._forward_sums(graphdef, adapters, rest, batch, None, deterministic=True)
+        s, n = nll_sums(graphdef, adapters, rest, batch, deterministic=True)
         return s / n
 
     direct = jax.grad(mean_loss)(lora_state)
@@ -203,7 +216,7 @@ def test_gradient_accumulation_equals_big_batch(tiny_model_dir):
         np.testing.assert_allclose(a, np.asarray(b), rtol=2e-4, atol=1e-7)
 
 
-def test_bad_data_and_nan_loss_stop_cleanly(tiny_model_dir, tmp_path):
+def test_bad_data_and_nan_loss_stop_cleanly(tiny_model_dir, tmp_path, xla_cache):
     bad = tmp_path / "bad.jsonl"
     good = (REPO / "data/sft_demo/train.jsonl").read_text().splitlines()
     bad.write_text("\n".join(good[:5] + ['{"messages": [oops'] + good[5:10]) + "\n")
@@ -216,7 +229,7 @@ def test_bad_data_and_nan_loss_stop_cleanly(tiny_model_dir, tmp_path):
     # metrics of step 1 are kept.
     over = {**_cli_overrides(tiny_model_dir, tmp_path / "w2"), "optim.lr": 1e30, "optim.warmup_ratio": 0.0,
             "optim.max_grad_norm": 0.0, "train.checkpoint_every": 1, "lora.dropout": 0.0}
-    proc = _train_cli(over)
+    proc = _train_cli(over, cache=xla_cache)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "non-finite loss or gradient at step 2" in proc.stderr
     assert ("removed checkpoint 1, whose adapters gave it; no checkpoint with finite adapters and optimizer state "
@@ -233,7 +246,7 @@ def _error_line(stderr: str) -> str:
     return lines[0]
 
 
-def test_nan_stop_keeps_the_newest_checkpoint_worth_resuming(tiny_model_dir, tmp_path):
+def test_nan_stop_keeps_the_newest_checkpoint_worth_resuming(tiny_model_dir, tmp_path, xla_cache):
     """lr 1e30 warmed up over 3 steps: step 1 (lr 0) leaves the adapters as they were, step 2 blows
     them up to ~3e29 (finite: checkpoint 2 is saved), step 3's loss is NaN. Resuming from checkpoint
     2 would give NaN again: it is removed and the message names step 1. A rerun with a sane lr
@@ -241,7 +254,7 @@ def test_nan_stop_keeps_the_newest_checkpoint_worth_resuming(tiny_model_dir, tmp
     workdir = tmp_path / "w"
     over = {**_cli_overrides(tiny_model_dir, workdir), "optim.lr": 1e30, "optim.warmup_ratio": 0.5,
             "optim.max_grad_norm": 0.0, "train.checkpoint_every": 1, "lora.dropout": 0.0}
-    proc = _train_cli(over)
+    proc = _train_cli(over, cache=xla_cache)
     assert proc.returncode == 3, proc.stderr[-3000:]
     err = _error_line(proc.stderr)
     assert err.startswith("error: non-finite loss or gradient at step 3 (loss="), err
@@ -250,7 +263,7 @@ def test_nan_stop_keeps_the_newest_checkpoint_worth_resuming(tiny_model_dir, tmp
                         "step 3 again: lower --config.optim.lr)"), err
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [1]
 
-    resumed = _train_cli({**over, "optim.lr": 3e-3})
+    resumed = _train_cli({**over, "optim.lr": 3e-3}, cache=xla_cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at step 1" in resumed.stderr and "resumed from" in resumed.stderr
     rows = [r for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r]
@@ -261,8 +274,8 @@ def test_nan_stop_keeps_the_newest_checkpoint_worth_resuming(tiny_model_dir, tmp
 
 def test_non_finite_stop_names_the_checkpoint_left(tmp_path):
     """The finiteness check (host-memory leaves included) and the checkpoint bookkeeping, without a model."""
-    from qlora_jax.train import checkpoint as ckpt_lib
-    from qlora_jax.train.run import non_finite_stop
+    from qlora_jax.checkpoints import run_dir as ckpt_lib
+    from qlora_jax.train.trainer import non_finite_stop
 
     tree = {"lora": jnp.ones((2, 3)), "count": jnp.int32(7)}
     assert ckpt_lib.all_finite(tree)
@@ -301,8 +314,8 @@ def test_finished_run_is_reported_and_left_alone(objective, tmp_path, capsys):
     """Running a finished run again says so, loads nothing (the model source does not even exist),
     writes nothing and returns the stored summary. Unfinished runs are not mistaken for one."""
     from configs import grpo as grpo_config
-    from qlora_jax.train.config_check import ConfigError
-    from qlora_jax.train.run import already_finished, run
+    from qlora_jax.train.config import ConfigError
+    from qlora_jax.train.trainer import already_finished, run
 
     workdir = tmp_path / "run"
     (workdir / "checkpoints" / "6").mkdir(parents=True)
@@ -346,17 +359,17 @@ def test_finished_run_is_reported_and_left_alone(objective, tmp_path, capsys):
     assert capsys.readouterr().out.count("already finished") == (1 if objective == "sft" else 0)
 
 
-def test_restart_after_early_kill_then_rerun_of_the_finished_run(tiny_model_dir, tmp_path):
+def test_restart_after_early_kill_then_rerun_of_the_finished_run(tiny_model_dir, tmp_path, xla_cache):
     """Killed at step 1, before the first checkpoint: the restarted run starts from step 0 and
     keeps none of the dead attempt's metric rows. Run again once finished: nothing changes."""
     workdir = tmp_path / "w"
     over = {**_cli_overrides(tiny_model_dir, workdir), "train.max_steps": 2, "train.checkpoint_every": 2}
-    killed = _train_cli(over, {"QLORA_FAULT_KILL_AT_STEP": "1"})
+    killed = _train_cli(over, {"QLORA_FAULT_KILL_AT_STEP": "1"}, xla_cache)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert [r["step"] for r in read_metrics(workdir / "metrics.jsonl")] == [0, 1]  # eval before, step 1
     assert not [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
 
-    restarted = _train_cli(over)
+    restarted = _train_cli(over, cache=xla_cache)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "resumed from" not in restarted.stderr
     rows = read_metrics(workdir / "metrics.jsonl")

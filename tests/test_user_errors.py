@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from qlora_jax import errors
+from qlora_jax.cli import _common as cli_common
 from qlora_jax.errors import DiskFull, ModelFileError, OutputDirError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,10 +83,10 @@ def test_override_problems_without_a_subprocess():
     from configs import sft
 
     cfg = sft.get_config()
-    assert errors._override_problem(cfg, "optim.lr", "--config") is None
-    assert errors._override_problem(cfg, "nonex.x", "--config").startswith(
+    assert cli_common._override_problem(cfg, "optim.lr", "--config") is None
+    assert cli_common._override_problem(cfg, "nonex.x", "--config").startswith(
         "--config.nonex.x: no such config key (top-level keys: data, lora")
-    assert "did you mean lora.r?" in errors._override_problem(cfg, "lora.rank", "--config")
+    assert "did you mean lora.r?" in cli_common._override_problem(cfg, "lora.rank", "--config")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def test_missing_data_file_is_reported_before_the_model_loads(tmp_path):
 
 def test_check_inputs_names_the_key(tmp_path):
     from configs import sft
-    from qlora_jax.train.config_check import ConfigError, check_inputs
+    from qlora_jax.train.config import ConfigError, check_inputs
 
     def cfg(**kw):
         c = sft.get_config()
@@ -225,7 +226,7 @@ def tiny_tmpfs(tmp_path):
 def test_checkpoint_that_does_not_fit_is_refused_before_writing(tiny_tmpfs, monkeypatch):
     import jax.numpy as jnp
 
-    from qlora_jax.train import checkpoint as ckpt_lib
+    from qlora_jax.checkpoints import run_dir as ckpt_lib
 
     # 256 KiB, twice (adapters + optimizer state): more than the disk holds; random, so it does not compress
     state = {"lora_a": jnp.asarray(np.random.default_rng(0).normal(size=(64, 1024)), jnp.float32)}
@@ -248,7 +249,7 @@ def test_cli_main_maps_user_errors_and_keeps_bug_tracebacks(capsys, tmp_path):
     handler = logging.FileHandler(tmp_path / "train.log")
     log.addHandler(handler)
     try:
-        @errors.cli_main
+        @cli_common.cli_main
         def full():
             raise RuntimeError("save failed") from OSError(errno.ENOSPC, "No space left on device")
 
@@ -261,7 +262,7 @@ def test_cli_main_maps_user_errors_and_keeps_bug_tracebacks(capsys, tmp_path):
         handler.flush()
         assert "error: no space left on the device" in (tmp_path / "train.log").read_text()
 
-        @errors.cli_main
+        @cli_common.cli_main
         def user():
             raise UserError("config.x: bad\n  config.y: worse")
 
@@ -269,7 +270,7 @@ def test_cli_main_maps_user_errors_and_keeps_bug_tracebacks(capsys, tmp_path):
             user()
         assert capsys.readouterr().err == "error: config.x: bad; config.y: worse\n"
 
-        @errors.cli_main
+        @cli_common.cli_main
         def bug():
             raise KeyError("a bug")
 
@@ -284,7 +285,7 @@ def test_cli_main_maps_user_errors_and_keeps_bug_tracebacks(capsys, tmp_path):
 
 
 def test_quiet_logs_silences_third_party_noise():
-    errors.quiet_logs()
+    cli_common.quiet_logs()
     assert logging.getLogger("jax._src.xla_bridge").getEffectiveLevel() >= logging.ERROR  # "Unable to initialize backend 'tpu'"
     assert logging.getLogger("faiss.loader").getEffectiveLevel() >= logging.WARNING  # AVX512 ModuleNotFoundError
     assert logging.getLogger("orbax").getEffectiveLevel() >= logging.WARNING
@@ -418,7 +419,7 @@ def test_inconsistent_model_files(tmp_path):
 # generate and evaluate
 
 def _generate_error(capsys, *args) -> str:
-    from qlora_jax.generate import main
+    from qlora_jax.cli.generate import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(list(args))
@@ -429,7 +430,7 @@ def _generate_error(capsys, *args) -> str:
 
 
 def test_generate_flags_are_checked_before_the_model_loads(capsys, tmp_path, monkeypatch):
-    import qlora_jax.generate as gen
+    import qlora_jax.cli.generate as gen
 
     def no_load(*a, **k):
         raise AssertionError("the model must not be loaded")
@@ -461,7 +462,7 @@ def test_generate_prompt_longer_than_the_context(capsys, tiny_dir):
 
 def test_evaluate_refuses_questions_longer_than_the_context(tiny_dir):
     from qlora_jax.checkpoints.load import load_model
-    from qlora_jax.evaluate import MCQAError, MCQAScorer, MCQItem
+    from qlora_jax.inference.evaluate import MCQAError, MCQAScorer, MCQItem
 
     model, tok = load_model(str(tiny_dir), quantize=None)
     short = MCQItem(question="2+2?", choices=("3", "4"), answer=1)

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from _support import require
 
-from qlora_jax.pipelines import report
-from qlora_jax.yesno import (
+from qlora_jax.objectives.yesno import (
     AnswerTokenError,
     AnswerTokens,
     normalize_label,
@@ -21,6 +20,7 @@ from qlora_jax.yesno import (
     restricted_log_probs,
     yes_no_scores,
 )
+from qlora_jax.pipelines import report
 
 torch = require("torch")
 transformers = require("transformers")

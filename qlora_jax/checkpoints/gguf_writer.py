@@ -38,6 +38,7 @@ import gguf
 import numpy as np
 
 from qlora_jax.checkpoints import gguf_reader
+from qlora_jax.models import QuantParam, hf_name_table, iter_hf_tensors
 
 GGML = gguf.GGMLQuantizationType
 TENSOR_TYPES = {"F32": GGML.F32, "F16": GGML.F16, "Q8_0": GGML.Q8_0, "Q4_0": GGML.Q4_0}
@@ -323,8 +324,6 @@ def write_gguf(path: str | os.PathLike, config, shapes: Mapping[str, tuple[int, 
 
 def model_tensor_shapes(model) -> dict[str, tuple[int, ...]]:
     """transformers name -> per-layer shape of every frozen weight, in ``iter_hf_tensors`` order."""
-    from qlora_jax.models import QuantParam, hf_name_table
-
     shapes = {}
     for name, slot in hf_name_table(model).items():
         var = model
@@ -344,8 +343,6 @@ def save_gguf(model, path: str | os.PathLike, *, tokenizer=None, source_gguf: gg
 
     Tokenizer metadata comes from ``source_gguf`` (copied) when given, else from ``tokenizer``.
     """
-    from qlora_jax.models import iter_hf_tensors
-
     shapes = model_tensor_shapes(model)
     vocab_size = shapes["model.embed_tokens.weight"][0]
     if source_gguf is not None:

@@ -26,6 +26,8 @@ import ml_dtypes
 import numpy as np
 
 from qlora_jax.checkpoints.hf_reader import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+from qlora_jax.models import QuantParam, hf_name_table, iter_hf_tensors
+from qlora_jax.quant import quantize_4bit
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' usual 5 GB shards
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -176,9 +178,6 @@ def iter_bnb_tensors(model, *, dtype: str | Any = "bfloat16", quant_type: str = 
     ``quant_type`` / ``blocksize`` / ``double_quant``, exactly as bitsandbytes would. Every other
     weight is cast to ``dtype``. Adapters are not included.
     """
-    from qlora_jax.models import QuantParam, hf_name_table
-    from qlora_jax.quant import quantize_4bit
-
     quantize = jax.jit(quantize_4bit, static_argnames=("quant_type", "blocksize", "double_quant"))
     np_dtype = numpy_dtype(dtype)
     linear_weights = {f"{v.hf_name}.weight" for v in model.iter_linears()}
@@ -207,8 +206,6 @@ def save_merged(model, out_dir: str | os.PathLike, *, config: Mapping[str, Any],
     with ``save_pretrained`` (chat template included). ``source_dir``: a source checkpoint
     directory to copy ``generation_config.json`` from.
     """
-    from qlora_jax.models import iter_hf_tensors
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     np_dtype = numpy_dtype(dtype)

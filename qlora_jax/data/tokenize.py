@@ -220,6 +220,16 @@ def encode_conversation(
     return full_ids, mask
 
 
+def pad_id_of(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its end-of-sequence token
+    (LLaMA-3 and SmolLM2 tokenizers have no pad token). Padding is masked out everywhere; one rule
+    keeps the trainer, generation and evaluation agreeing on it."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
 def encode_text_pair(tokenizer: Any, pair: TextPair) -> tuple[list[int], np.ndarray]:
     """`tokenizer(prompt)` + completion tokens + EOS; the completion and EOS are masked in."""
     prompt_ids = list(tokenizer(pair.prompt)["input_ids"])

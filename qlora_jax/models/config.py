@@ -1,7 +1,9 @@
 """Model and quantization configs: the facts a decoder needs, parsed from a transformers config.json.
 
-``ModelConfig`` is the single source of truth for shapes and architecture switches of the LLaMA
-and Qwen families we support. It is built from a Hugging Face ``config.json`` (a dict or a path)
+``ModelConfig`` is the single source of truth for sizes and architecture switches of the LLaMA
+and Qwen families we support; which parameters exist, their shapes (as ``ModelConfig`` sizes),
+dtypes and logical sharding axes are declared in ``qlora_jax.models.params``
+(``ModelConfig.param_specs()``, ``linear_shapes()``). It is built from a Hugging Face ``config.json`` (a dict or a path)
 so that a checkpoint directory fully describes its model; a few runtime knobs that are not part of
 the HF config (remat policy, attention implementation) have defaults and can be overridden.
 
@@ -22,6 +24,7 @@ import os
 from typing import Any
 
 from qlora_jax.errors import ModelFileError
+from qlora_jax.models import params as params_lib
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -120,13 +123,16 @@ class ModelConfig:
         return self.num_key_value_heads * self.head_dim
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """HF ``[out, in]`` weight shape of each of the seven linears of one decoder layer."""
-        h, i = self.hidden_size, self.intermediate_size
-        return {
-            "q_proj": (self.q_size, h), "k_proj": (self.kv_size, h), "v_proj": (self.kv_size, h),
-            "o_proj": (h, self.q_size),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
-        }
+        """HF ``[out, in]`` weight shape of each of the seven linears of one decoder layer.
+
+        Read from the parameter declaration (``qlora_jax.models.params.WEIGHTS``).
+        """
+        return params_lib.linear_shapes(self)
+
+    def param_specs(self, *, quant: QuantConfig | None = None,
+                    lora: Any = None) -> dict[str, params_lib.ParamSpec]:
+        """Shape, dtype role and logical axes of every array of the model (``models/params.py``)."""
+        return params_lib.param_specs(self, quant=quant, lora=lora)
 
     def linear_has_bias(self, name: str) -> bool:
         if name in ("q_proj", "k_proj", "v_proj"):

@@ -155,7 +155,9 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
     from ``shardings`` -- a callable ``(name, shape) -> spec | None`` or a mapping
     ``{regex: spec}`` fullmatched against names like ``"layers.mlp.up_proj.weight"`` /
     ``"layers.mlp.up_proj.weight.packed"`` / ``"layers.mlp.up_proj.lora_a"`` (stacked arrays
-    have the layer axis first) -- and is replicated when none is given. The mesh's axes must be
+    have the layer axis first) -- and is replicated when none is given.
+    ``qlora_jax.train.sharding.param_sharding_fn(mesh)`` is the callable that places each array
+    by its declared logical axes (``qlora_jax.models.params``). The mesh's axes must be
     ``AxisType.Auto`` (GSPMD propagation inside the step).
     """
     if not isinstance(config, ModelConfig):

@@ -277,7 +277,7 @@ class CausalLM(nnx.Module):
         ones needed to :meth:`logits_from_hidden`) and the cache with the new keys/values
         written and ``index`` advanced by ``t``. The cache must have room: ``index + t <=
         max_len`` (slots past the end are not checked under ``jit``). Pure and traceable: it is
-        meant to be called inside a jitted prefill / decode loop (``qlora_jax.generate``).
+        meant to be called inside a jitted prefill / decode loop (``qlora_jax.inference.generate``).
         """
         use_lora = bool(lora_enabled) and self.lora_config is not None
         h, cache = self._run(input_ids, None, None, None, use_lora, cache=cache)

@@ -6,5 +6,6 @@
     scoring      yes/no scoring of prompts with a job's adapters
     report       metrics (accuracy, AUROC, F1, ECE, Brier), aggregation, table, ROC plot
 
-Nothing is imported here, so ``python -m qlora_jax.pipelines.self_refine`` runs the module once.
+Nothing is imported here, so ``python -m qlora_jax.pipelines.self_refine`` does not find its module
+imported already (the command itself is ``qlora_jax/cli/self_refine.py``).
 """

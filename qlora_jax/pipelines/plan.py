@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from qlora_jax.data import load_rows
 from qlora_jax.errors import UserError
-from qlora_jax.yesno import AnswerTokens, normalize_label
+from qlora_jax.objectives.yesno import AnswerTokens, normalize_label
 
 # Columns of predictions.csv (per job) and predictions_stage{1,2}.csv (all jobs of a stage).
 PREDICTION_COLUMNS = ("stage", "seed", "fold", "id", "label", "pred", "llr", "log_p_yes", "log_p_no", "p_yes",
@@ -70,8 +71,6 @@ class Job:
 # -- samples and folds -------------------------------------------------------------------------
 
 def load_samples(source: str, *, id_field: str, prompt_field: str, label_field: str) -> list[Sample]:
-    from qlora_jax.data import load_rows
-
     rows = load_rows(source)
     columns = set(rows.column_names)
     for key, field in (("prompt_field", prompt_field), ("label_field", label_field), ("id_field", id_field)):

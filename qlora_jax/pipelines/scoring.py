@@ -17,10 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qlora_jax.checkpoints.load import load_model
+from qlora_jax.checkpoints.run_dir import abstract_like, init_adapters_from
 from qlora_jax.data import render_chat
-from qlora_jax.data.tokenize import encode
+from qlora_jax.data.batching import round_up
+from qlora_jax.data.tokenize import encode, pad_id_of
+from qlora_jax.lora import split_model
+from qlora_jax.objectives.yesno import AnswerTokens, answer_positions, yes_no_scores
 from qlora_jax.pipelines.plan import messages
-from qlora_jax.yesno import AnswerTokens, answer_positions, yes_no_scores
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +37,6 @@ def prompt_text(tokenizer: Any, prompt: str, system_prompt: str = "") -> str:
 def prompt_ids(tokenizer: Any, prompt: str, system_prompt: str = "") -> list[int]:
     """Token ids of ``prompt_text`` (the template writes its own special tokens)."""
     return encode(tokenizer, prompt_text(tokenizer, prompt, system_prompt))
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def answer_logits_fn(graphdef):
@@ -70,7 +70,7 @@ def score_ids(
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         rows = np.concatenate([rows, np.repeat(rows[:1], batch_size - rows.size)])
-        width = _round_up(int(lengths[rows].max()), pad_to_multiple_of)
+        width = round_up(int(lengths[rows].max()), pad_to_multiple_of)
         input_ids = np.full((batch_size, width), pad_id, np.int32)
         segment_ids = np.zeros((batch_size, width), np.int32)
         positions = np.zeros((batch_size, width), np.int32)
@@ -91,9 +91,6 @@ class Scorer:
     """The base model loaded once; ``use_adapters(job_dir)`` restores a job's newest adapters."""
 
     def __init__(self, cfg, lora_config, record: dict[str, Any]):
-        from qlora_jax.checkpoints.load import load_model
-        from qlora_jax.train.loop import split_model
-
         quantize = None if cfg.model.quantize in ("none", "") else cfg.model.quantize
         model, self.tokenizer = load_model(
             cfg.model.source, quantize=quantize, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
@@ -101,14 +98,11 @@ class Scorer:
         self.graphdef, self.lora, self.rest = split_model(model)
         self.record = record
         self.logits_fn = answer_logits_fn(self.graphdef)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
+        self.pad_id = pad_id_of(self.tokenizer)
         self.source = None
 
     def use_adapters(self, job_dir: Path) -> str:
         """Restore the adapters of a trainer workdir's newest checkpoint (LoRA record checked)."""
-        from qlora_jax.train.checkpoint import abstract_like, init_adapters_from
-
         self.lora, where = init_adapters_from(job_dir, abstract_like(self.lora), self.record)
         self.source = where
         return where

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qlora_jax.embed import default_embedder
 from qlora_jax.rag.chunking import CHUNK_WORDS, OVERLAP_WORDS, Chunk, chunk_documents, chunk_spans
 from qlora_jax.rag.errors import RagError
 from qlora_jax.rag.loaders import DEFAULT_MAX_BYTES, Document, documents_from_bytes, load_corpus
@@ -59,7 +60,6 @@ class RagIndex:
         import faiss
 
         if embedder is None:
-            from qlora_jax.embed import default_embedder
 
             embedder = default_embedder()
         self.embedder = embedder

@@ -8,12 +8,11 @@ A step takes ``[grad_accum, micro_batch, length]`` arrays and scans over the mic
 summing gradients of the *summed* token NLL and dividing once by the total number of loss
 tokens, so the update equals the big-batch gradient of the mean token loss.
 
-The objective is a small object (``SFT`` by default; DPO's lives in ``train/preference.py``): per
-micro-batch it gives a summed loss and float32 scalar sums (``stat_keys``), one of which
-(``weight_key``: loss tokens for SFT, pairs for DPO) divides the summed loss and gradient. An
-objective may need a reference, computed outside the differentiated function under
-``stop_gradient``; if it keeps frozen adapters for it (``frozen_adapters``), the train step takes
-them as a sixth argument.
+The objective (``qlora_jax/objectives/``; ``SFT`` by default) gives per micro-batch a summed loss
+and float32 scalar sums (``stat_keys``), one of which (``weight_key``: loss tokens for SFT, pairs
+for DPO) divides the summed loss and gradient (``objectives/base.py`` states the protocol). If it
+keeps frozen adapters for its reference (``frozen_adapters``), the step takes them as a sixth
+argument.
 """
 
 from __future__ import annotations
@@ -31,8 +30,9 @@ import optax
 from flax import nnx
 
 from qlora_jax.errors import UserError
-from qlora_jax.lora import LoRAParam
-from qlora_jax.objectives import masked_nll_sum
+from qlora_jax.lora import split_model
+from qlora_jax.objectives.base import Objective
+from qlora_jax.objectives.sft import SFT
 from qlora_jax.train import sharding as shard_lib
 
 log = logging.getLogger(__name__)
@@ -48,48 +48,10 @@ class NonFiniteLoss(UserError):
 class StepFns:
     graphdef: Any
     train_step: Callable
-    eval_step: Callable
     lora_shardings: Any
     rest_shardings: Any
     opt_shardings: Any
     batch_sharding: Any
-
-
-def split_model(model: nnx.Module):
-    """(graphdef, lora_state, frozen_state)."""
-    graphdef, lora_state, rest = nnx.split(model, LoRAParam, ...)
-    return graphdef, lora_state, rest
-
-
-def _forward_sums(graphdef, lora_state, rest, batch, key, *, deterministic: bool, lora_enabled: bool = True):
-    model = nnx.merge(graphdef, lora_state, rest)
-    h = model.hidden_states(
-        batch["input_ids"],
-        positions=batch["positions"],
-        segment_ids=batch["segment_ids"],
-        deterministic=deterministic,
-        lora_enabled=lora_enabled,
-        rngs=key,
-    )
-    return masked_nll_sum(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"])
-
-
-class SFTObjective:
-    """Token-weighted NLL of the completion tokens: (sum of NLL, {"tokens": loss tokens})."""
-
-    stat_keys = ("tokens",)
-    weight_key = "tokens"
-    frozen_adapters = False
-
-    def reference(self, graphdef, lora, rest, batch, ref_lora):
-        return None
-
-    def loss_sums(self, graphdef, lora, rest, batch, key, reference):
-        s, n = _forward_sums(graphdef, lora, rest, batch, key, deterministic=False)
-        return s, {"tokens": n}
-
-
-SFT = SFTObjective()
 
 
 def make_step_fns(
@@ -98,10 +60,10 @@ def make_step_fns(
     mesh: jax.sharding.Mesh,
     *,
     offload_optimizer: bool = False,
-    objective: Any = SFT,
+    objective: Objective = SFT,
     abstract: bool = False,
 ) -> tuple[StepFns, Any, Any, Any]:
-    """Build the jit'd train/eval steps with explicit shardings.
+    """Build the jit'd train step with explicit shardings.
 
     Returns (fns, lora_state, frozen_state, opt_state), each placed on the mesh. The train step is
     ``train_step(lora, opt_state, rest, batches, key)`` (plus ``ref_lora`` when
@@ -129,7 +91,6 @@ def make_step_fns(
         opt_state = jax.jit(tx.init, out_shardings=opt_sh_host)(lora_state)
     repl = shard_lib.replicated(mesh)
     batch_sh = shard_lib.batch_sharding(mesh, 3, leading_unsharded=1)
-    eval_batch_sh = shard_lib.batch_sharding(mesh, 2)
 
     def train_step(lora, opt_state, rest, batches, key, ref_lora=None):
         n_micro = batches["input_ids"].shape[0]
@@ -181,16 +142,7 @@ def make_step_fns(
         donate_argnums=(0, 1),
     )
 
-    def eval_step(lora, rest, batch, lora_enabled: bool = True):
-        return _forward_sums(graphdef, lora, rest, batch, None, deterministic=True, lora_enabled=lora_enabled)
-
-    eval_jit = jax.jit(
-        eval_step,
-        in_shardings=(lora_sh, rest_sh, eval_batch_sh),
-        out_shardings=(repl, repl),
-        static_argnums=(3,),
-    )
-    fns = StepFns(graphdef, train_jit, eval_jit, lora_sh, rest_sh, opt_sh_host, batch_sh)
+    fns = StepFns(graphdef, train_jit, lora_sh, rest_sh, opt_sh_host, batch_sh)
     return fns, lora_state, rest, opt_state
 
 
@@ -253,6 +205,6 @@ class GracefulExit:
 
 
 __all__ = [
-    "SFT", "GracefulExit", "NonFiniteLoss", "SFTObjective", "StepFns", "make_step_fns", "process_local_batch", "split_model",
+    "GracefulExit", "NonFiniteLoss", "StepFns", "make_step_fns", "process_local_batch", "split_model",
     "stack_microbatches",
 ]

@@ -10,12 +10,14 @@ from typing import Any
 
 import jax
 
+from qlora_jax.checkpoints.run_dir import METRICS_FILE, read_metrics
+
 
 class MetricsWriter:
     def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
         self.workdir = Path(workdir)
         self.enabled = jax.process_index() == 0
-        self.path = self.workdir / "metrics.jsonl"
+        self.path = self.workdir / METRICS_FILE
         self._tb = None
         if self.enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -52,20 +54,11 @@ def _py(v: Any) -> Any:
         return str(v)
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_loss(workdir: str | Path, out_name: str = "loss.png", ylabel: str | None = None) -> Path | None:
-    """Train loss per step, and eval loss where measured, from metrics.jsonl."""
-    workdir = Path(workdir)
-    rows = read_metrics(workdir / "metrics.jsonl")
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if not train and not evals:
+def plot_series(out: Path, series: list[tuple[str, list[tuple[int, float]], str]], *, ylabel: str) -> Path | None:
+    """One figure of ``(label, [(step, value)], matplotlib style)`` lines against the optimizer step;
+    empty series are left out, and no file is written when all are empty."""
+    series = [(label, pts, style) for label, pts, style in series if pts]
+    if not series or jax.process_index() != 0:
         return None
     import matplotlib
 
@@ -73,16 +66,23 @@ def plot_loss(workdir: str | Path, out_name: str = "loss.png", ylabel: str | Non
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1.2)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
+    for label, pts, style in series:
+        ax.plot(*zip(*pts), style, label=label, lw=1.5 if "o" in style else 1.2)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel or "NLL per completion token")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = workdir / out_name
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_loss(workdir: str | Path, out_name: str = "loss.png", ylabel: str | None = None) -> Path | None:
+    """Train loss per step, and eval loss where measured, from metrics.jsonl."""
+    workdir = Path(workdir)
+    rows = read_metrics(workdir / METRICS_FILE)
+    return plot_series(workdir / out_name, [("train loss", [(r["step"], r["loss"]) for r in rows if "loss" in r], "-"),
+                                            ("eval loss", [(r["step"], r["eval_loss"]) for r in rows
+                                                           if "eval_loss" in r], "o-")],
+                       ylabel=ylabel or "NLL per completion token")

@@ -3,12 +3,17 @@
 AdamW (lr 2e-3, weight decay 0.01), clipping to global norm 0.3, linear warm-up over 30% of
 the steps then cosine decay to 0 — the schedule transformers' Trainer calls
 ``get_cosine_schedule_with_warmup`` (warm-up steps = ceil(ratio * total)).
+
+LoRA+ (Hayou et al. 2024; peft's ``create_loraplus_optimizer``): with ``loraplus_lr_ratio > 0``
+the ``lora_b`` matrices get their own AdamW with the learning rate (and so the decoupled decay)
+scaled by the ratio, the ``lora_a`` matrices the plain one; clipping stays global over both.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -54,12 +59,29 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    loraplus_lr_ratio: float = 0.0,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """clip_by_global_norm -> AdamW with the schedule. Returns (transformation, schedule)."""
+    """clip_by_global_norm -> AdamW with the schedule (LoRA+: two AdamW, see the module docstring).
+    Returns (transformation, the schedule of the ``lora_a`` / single group)."""
     sched = learning_rate_schedule(lr=lr, total_steps=total_steps, warmup_ratio=warmup_ratio,
                                    schedule=schedule)
     parts = []
     if max_grad_norm and max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(max_grad_norm))
-    parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    adamw = optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    if loraplus_lr_ratio > 0:
+        def sched_b(step):
+            return loraplus_lr_ratio * sched(step)
+
+        adamw_b = optax.adamw(sched_b, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+        adamw = optax.multi_transform({"a": adamw, "b": adamw_b}, lora_groups)
+    parts.append(adamw)
     return optax.chain(*parts), sched
+
+
+def lora_groups(params):
+    """"b" for every ``lora_b`` leaf of an adapter tree, "a" for the rest (LoRA+'s groups)."""
+    def group(path, _):
+        return "b" if any(str(getattr(k, "key", getattr(k, "name", k))) == "lora_b" for k in path) else "a"
+
+    return jax.tree_util.tree_map_with_path(group, params)

@@ -3,22 +3,30 @@
 A mesh has three named axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with
 parameters and optimizer state sharded) and ``tensor`` (megatron-style: attention heads and the
 MLP's hidden dimension split). Which tensor dimension goes on which mesh axis is a table of
-logical names (``LOGICAL_RULES``), and which logical names a parameter's dimensions carry is a
-second table keyed by parameter name (``PARAM_AXES``). Both are data; nothing in the model knows
-about meshes. A dimension that the mesh axes do not divide is left unsharded.
+logical names (``LOGICAL_RULES``, here). Which logical names a parameter's dimensions carry is
+declared with the parameter itself, next to its shape and dtype, in ``qlora_jax.models.params``
+(``WEIGHTS``); :func:`logical_axes_for` looks a path up there and raises
+``UndeclaredParamError`` for a parameter it does not declare (nothing is replicated silently;
+norms are declared replicated). Both are data; nothing in the model knows about meshes. A
+dimension that the mesh axes do not divide is left unsharded.
+
+:func:`shardings_for_state` shards a model state (or optimizer state: leaves under ``mu`` /
+``nu`` follow their parameter) this way; :func:`param_sharding_fn` is the same rule as the
+``(name, shape) -> PartitionSpec`` callable ``load_model(..., shardings=...)`` places with.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from qlora_jax.models import params as params_lib
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -34,18 +42,6 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "blocks": None,
     None: None,
 }
-
-# parameter-name pattern -> logical names of the weight's dimensions as stored in HF layout
-# [out, in] (a stacked-layer leading axis is added automatically). Quantized weights reuse their
-# weight's axes for packed codes and absmax (row layout keeps [out, in/2] and [out, in/bs]).
-PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"(q_proj|k_proj|v_proj)", ("heads", "embed")),
-    (r"o_proj", ("embed", "heads")),
-    (r"(gate_proj|up_proj)", ("mlp", "embed")),
-    (r"down_proj", ("embed", "mlp")),
-    (r"(embed_tokens|lm_head)", ("vocab", "embed")),
-)
-
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh; one of the sizes may be -1 to take the remaining devices."""
@@ -90,38 +86,43 @@ def spec_for(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int]) ->
 
 
 def logical_axes_for(path: str, shape: tuple[int, ...]) -> tuple[str | None, ...]:
-    """Logical names for one leaf of the model state, from its path (e.g. 'layers/mlp/up_proj/lora_a')."""
-    ndim = len(shape)
-    weight_axes: tuple[str | None, ...] | None = None
-    for pattern, axes in PARAM_AXES:
-        if re.search(pattern, path):
-            weight_axes = axes
-            break
-    if weight_axes is None:
-        return (None,) * ndim
-    out_ax, in_ax = weight_axes
-    leaf = path.rsplit("/", 1)[-1]
-    if "lora_a" in leaf:  # [r, in]
-        core = ("rank", in_ax)
-    elif "lora_b" in leaf:  # [out, r]
-        core = (out_ax, "rank")
-    elif "nested_absmax" in leaf or "offset" in leaf:
-        core = ("blocks",) * min(ndim, 1)
-    elif "bias" in leaf:
-        core = (out_ax,)
-    else:  # weight, packed codes, absmax: [out, in-ish]
-        core = (out_ax, in_ax)
-    core = core[-ndim:] if ndim < len(core) else core
-    return (None,) * (ndim - len(core)) + tuple(core)
+    """Logical names for one array of the model, by its path ('layers/mlp/up_proj/lora_a' or
+    'layers.mlp.up_proj.weight.packed'), as declared in ``qlora_jax.models.params``.
+
+    Raises ``qlora_jax.models.params.UndeclaredParamError`` for a path the declaration lacks.
+    """
+    return params_lib.logical_axes(path, tuple(shape))
+
+
+def param_sharding_fn(mesh: Mesh) -> Callable[[str, tuple[int, ...]], P]:
+    """``(name, shape) -> PartitionSpec`` for ``load_model(..., mesh=mesh, shardings=...)``.
+
+    ``name`` is a dotted model path (``"layers.mlp.up_proj.weight.packed"``); the spec comes from
+    the parameter's declared logical axes (``qlora_jax.models.params``) and ``LOGICAL_RULES``.
+    """
+
+    def fn(name: str, shape: tuple[int, ...]) -> P:
+        return spec_for(mesh, logical_axes_for(name, shape), shape)
+
+    return fn
 
 
 def shardings_for_state(mesh: Mesh, state: Any) -> Any:
-    """NamedShardings for every leaf of a pytree of arrays (or ShapeDtypeStructs), by path."""
+    """NamedShardings for every leaf of a pytree of arrays (or ShapeDtypeStructs), by path.
+
+    A leaf whose path reaches a model attribute (``embed_tokens``, ``layers``, ``norm``,
+    ``lm_head``; e.g. a model state, or an optimizer's ``mu`` / ``nu`` of the adapters) is a
+    parameter: its declared axes are used, and an undeclared one raises. Other leaves (an
+    optimizer's step ``count``) are not parameters and are replicated.
+    """
 
     def one(path, leaf):
-        name = "/".join(_key_str(k) for k in path)
+        keys = [_key_str(k) for k in path]
         shape = tuple(getattr(leaf, "shape", ()))
-        return NamedSharding(mesh, spec_for(mesh, logical_axes_for(name, shape), shape))
+        start = next((i for i, k in enumerate(keys) if k in params_lib.ROOTS), None)
+        if start is None:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, spec_for(mesh, logical_axes_for("/".join(keys[start:]), shape), shape))
 
     return jax.tree_util.tree_map_with_path(one, state)
 

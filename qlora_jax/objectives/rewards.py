@@ -104,6 +104,10 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     return add
 
 
+# Module paths written in configs before the objectives moved into ``qlora_jax/objectives/``.
+_MOVED_MODULES = {"qlora_jax.rewards": "qlora_jax.objectives.rewards"}
+
+
 def _import_attr(module_name: str, attr: str, spec: str) -> RewardFn:
     try:
         if module_name.endswith(".py"):
@@ -114,7 +118,7 @@ def _import_attr(module_name: str, attr: str, spec: str) -> RewardFn:
             module = importlib.util.module_from_spec(mod_spec)
             mod_spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(module_name)
+            module = importlib.import_module(_MOVED_MODULES.get(module_name, module_name))
     except ImportError as err:
         raise RewardError(f"reward function {spec!r}: cannot import module {module_name!r} ({err})") from err
     fn = getattr(module, attr, None)

@@ -29,11 +29,14 @@ Host-side helpers at the end lay out rollout rows (:func:`build_batch`) and sum 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from qlora_jax.objectives.base import forward
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -233,7 +236,67 @@ def weighted_total(rewards: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return total
 
 
+# -- the objective ---------------------------------------------------------------------------------
+
+
+def policy_logps(graphdef, lora, rest, batch, *, lora_enabled: bool = True, key=None, deterministic: bool = True,
+                 temperature: float = 1.0) -> jax.Array:
+    """Per-token log-probs ``[rows, C]`` of ``batch["completion_ids"]``: rows are the left-padded prompt
+    (width P) then the completion, so the hidden states at P-1 .. P+C-2 predict the C completion tokens."""
+    model, h = forward(graphdef, lora, rest, batch, lora_enabled=lora_enabled, key=key, deterministic=deterministic)
+    c = batch["completion_ids"].shape[-1]
+    p = batch["input_ids"].shape[-1] - c
+    return completion_logps(h[:, p - 1:p - 1 + c], model.lm_head_weight(), batch["completion_ids"],
+                            temperature=temperature)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOObjective:
+    """The GRPO objective for ``loop.make_step_fns`` (the reference is precomputed into the batch)."""
+
+    loss_type: str
+    beta: float
+    epsilon: float
+    epsilon_high: float
+    max_completion_length: int
+    temperature: float = 1.0
+    use_old_logps: bool = False  # num_iterations > 1: ratio against the rollout policy's log-probs
+
+    stat_keys = ("sequences", "tokens", "micro_batches", "kl", "clip_low", "clip_high", "ratio")
+    frozen_adapters = False
+
+    @property
+    def weight_key(self) -> str:
+        return WEIGHT_KEYS[self.loss_type]
+
+    def reference(self, graphdef, lora, rest, batch, ref_lora):
+        return None
+
+    def loss_sums(self, graphdef, lora, rest, batch, key, reference):
+        logps = policy_logps(graphdef, lora, rest, batch, key=key, deterministic=False, temperature=self.temperature)
+        old = batch["old_logps"] if self.use_old_logps else jax.lax.stop_gradient(logps)
+        tl = per_token_loss(logps, old, batch["advantages"], epsilon=self.epsilon,
+                                     epsilon_high=self.epsilon_high, beta=self.beta,
+                                     ref_logps=batch["ref_logps"] if self.beta else None)
+        mask = batch["completion_mask"]
+        num, weights = loss_sums(tl.loss, mask, loss_type=self.loss_type,
+                                          max_completion_length=self.max_completion_length)
+        f32 = jnp.float32
+        stats = {**weights, "kl": jnp.sum(tl.kl * mask), "clip_low": jnp.sum(tl.clipped_low.astype(f32) * mask),
+                 "clip_high": jnp.sum(tl.clipped_high.astype(f32) * mask), "ratio": jnp.sum(tl.ratio * mask)}
+        return num, stats
+
+
+def reward_metrics(rewards: np.ndarray, total: np.ndarray, names: list[str], prefix: str = "") -> dict[str, float]:
+    out = {f"{prefix}reward": float(np.nanmean(total)) if np.isfinite(total).any() else float("nan"),
+           f"{prefix}reward_std": float(np.nanstd(total, ddof=1)) if np.isfinite(total).sum() > 1 else 0.0}
+    for j, name in enumerate(names):
+        col = rewards[:, j]
+        out[f"{prefix}rewards/{name}"] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
+    return out
+
+
 __all__ = [
-    "LOSS_TYPES", "SCALE_REWARDS", "WEIGHT_KEYS", "Advantages", "TokenLoss", "build_batch", "completion_logps",
+    "GRPOObjective", "policy_logps", "reward_metrics", "LOSS_TYPES", "SCALE_REWARDS", "WEIGHT_KEYS", "Advantages", "TokenLoss", "build_batch", "completion_logps",
     "completion_mask", "group_advantages", "grpo_loss", "kl_k3", "loss_sums", "per_token_loss", "weighted_total",
 ]

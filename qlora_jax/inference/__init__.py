@@ -1,0 +1,1 @@
+"""Using a trained model: KV-cache generation, MCQA evaluation, the chat app."""

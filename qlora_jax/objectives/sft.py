@@ -1,0 +1,59 @@
+"""Supervised fine-tuning: token NLL of the completion tokens, and held-out exact match.
+
+The loss is summed over the loss tokens of every micro-batch and divided once by their count
+(``weight_key = "tokens"``): the mean token NLL of the whole optimizer step, as a big batch gives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qlora_jax.objectives.base import forward
+from qlora_jax.objectives.logprobs import masked_nll_sum
+
+
+class SFTObjective:
+    """Token-weighted NLL of the completion tokens: (sum of NLL, {"tokens": loss tokens})."""
+
+    stat_keys = ("tokens",)
+    weight_key = "tokens"
+    frozen_adapters = False
+
+    def reference(self, graphdef, lora, rest, batch, ref_lora):
+        return None
+
+    def loss_sums(self, graphdef, lora, rest, batch, key, reference):
+        s, n = nll_sums(graphdef, lora, rest, batch, key=key, deterministic=False)
+        return s, {"tokens": n}
+
+
+def nll_sums(graphdef: Any, lora: Any, rest: Any, batch: dict[str, jax.Array], *, key: Any = None,
+             deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """(summed NLL of the loss tokens, number of loss tokens) of a token batch."""
+    model, h = forward(graphdef, lora, rest, batch, key=key, deterministic=deterministic)
+    return masked_nll_sum(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"])
+
+
+SFT = SFTObjective()
+
+
+def row_stats(graphdef: Any, lora: Any, rest: Any, batch: dict[str, jax.Array],
+              lora_enabled: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per row: (summed NLL of the loss tokens, loss tokens, loss tokens the argmax predicts).
+
+    A row whose every loss token is the argmax under teacher forcing is exactly an example that
+    greedy decoding reproduces (exact match). Full float32 logits: evaluation batches are small.
+    """
+    model, h = forward(graphdef, lora, rest, batch, lora_enabled=lora_enabled)
+    logits = model.logits_from_hidden(h).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, -1)
+    picked = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32) * mask
+    return jnp.sum((lse - picked) * mask, -1), jnp.sum(mask, -1), jnp.sum(correct, -1)
+
+
+__all__ = ["SFT", "SFTObjective", "nll_sums", "row_stats"]

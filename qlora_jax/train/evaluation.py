@@ -1,0 +1,132 @@
+"""Held-out evaluation during training: SFT loss and exact match, DPO preference metrics, and
+early stopping on a held-out metric. Each evaluator compiles its forward once and is called with
+the current adapters."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax import data as data_lib
+from qlora_jax.data.preference import PreferenceBatchIterator, TokenizedPair
+from qlora_jax.objectives import dpo as dpo_lib
+from qlora_jax.objectives.sft import row_stats
+from qlora_jax.train import sharding as shard_lib
+
+
+def _replicated_jit(fn, mesh):
+    """``fn(lora, rest, batch, lora_enabled)`` jit'd with ``lora_enabled`` static and replicated outputs."""
+    return jax.jit(fn, static_argnums=(3,), out_shardings=shard_lib.replicated(mesh))
+
+
+class SFTEvaluator:
+    """Eval loss (per loss token) and exact match: every completion token is the argmax under
+    teacher forcing -- exactly the examples greedy decoding would reproduce."""
+
+    def __init__(self, graphdef, mesh, examples, *, batch_size: int, seq_len: int, pad_id: int):
+        self.examples, self.batch_size, self.seq_len, self.pad_id = examples, batch_size, seq_len, pad_id
+        self._fn = _replicated_jit(lambda lora, rest, batch, on: row_stats(graphdef, lora, rest, batch, on), mesh)
+
+    def __call__(self, lora, rest, ref_lora=None, *, lora_enabled: bool = True) -> dict[str, float]:
+        if not self.examples:
+            return {}
+        it = data_lib.BatchIterator(self.examples, batch_size=self.batch_size, seq_len=self.seq_len, pack=False,
+                                    group_by_length=False, shuffle=False, pad_id=self.pad_id, num_epochs=1)
+        nll = tok = exact = rows = 0.0
+        for batch in it:
+            s, n, c = (np.asarray(x) for x in self._fn(lora, rest, batch, lora_enabled))
+            live = n > 0
+            nll += s[live].sum()
+            tok += n[live].sum()
+            exact += (c[live] == n[live]).sum()
+            rows += live.sum()
+        return {"loss": float(nll / max(tok, 1)), "exact_match": float(exact / max(rows, 1)), "examples": int(rows)}
+
+
+class PreferenceEvaluator:
+    """Held-out DPO metrics of the current adapters; the reference log-probs are computed once.
+
+    ``reward_accuracy`` is trl's (chosen reward strictly above rejected: 0 before training, where
+    policy = reference); ``logp_accuracy`` asks whether the policy itself gives the chosen
+    completion the higher summed log-prob (before training: the reference's own preference).
+    """
+
+    def __init__(self, graphdef, mesh, pairs: list[TokenizedPair], objective: dpo_lib.DPOObjective, *,
+                 batch_size: int, seq_len: int, pad_id: int, pad_to_multiple_of: int = 64):
+        self.objective = objective
+        self.pairs = len(pairs)
+        by_length = sorted(pairs, key=len)  # metrics are means over pairs: batch similar lengths together
+        it = PreferenceBatchIterator(by_length, batch_size=batch_size, seq_len=seq_len, shuffle=False,
+                                     num_epochs=1, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+        self.batches = list(it)
+        self._fn = _replicated_jit(
+            lambda lora, rest, batch, on: dpo_lib.sequence_logps(graphdef, lora, rest, batch, lora_enabled=on), mesh)
+        self._ref: list[np.ndarray] | None = None
+
+    def reference_logps(self, lora, rest, ref_lora=None) -> list[np.ndarray]:
+        if self._ref is None:
+            if self.objective.frozen_adapters:
+                self._ref = [np.asarray(self._fn(ref_lora, rest, b, True)) for b in self.batches]
+            else:
+                self._ref = [np.asarray(self._fn(lora, rest, b, False)) for b in self.batches]
+        return self._ref
+
+    def __call__(self, lora, rest, ref_lora=None) -> dict[str, float]:
+        ref = self.reference_logps(lora, rest, ref_lora)
+        policy = [np.asarray(self._fn(lora, rest, b, True)) for b in self.batches]
+        lengths = np.concatenate([b["loss_mask"].sum(-1) for b in self.batches]).astype(np.float32)
+        policy_all, ref_all = np.concatenate(policy), np.concatenate(ref)
+        o = self.objective
+        loss_sum, s = dpo_lib.pair_sums(jnp.asarray(policy_all), jnp.asarray(ref_all), jnp.asarray(lengths),
+                                        beta=o.beta, loss_type=o.loss_type, label_smoothing=o.label_smoothing)
+        pairs = max(float(s["pairs"]), 1.0)
+        live = (lengths.reshape(-1, 2) > 0).all(-1)
+        p = policy_all.reshape(-1, 2)[live]
+        m = dpo_lib.step_metrics(s)
+        return {"loss": float(loss_sum) / pairs, "reward_accuracy": m["reward_accuracy"],
+                "rewards_chosen": m["rewards_chosen"], "rewards_rejected": m["rewards_rejected"],
+                "reward_margin": m["reward_margin"], "logp_accuracy": float(np.mean(p[:, 0] > p[:, 1])),
+                "examples": int(live.sum())}
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Best held-out value so far; stop after ``patience`` evaluations without a strict
+    improvement (patience 0: never stop, but still keep the best)."""
+
+    patience: int = 0
+    best: float = -math.inf
+    best_step: int = -1
+    bad_evals: int = 0
+    stopped: bool = False
+
+    def update(self, step: int, value: float) -> bool:
+        """Record an evaluation; True when it is a new best."""
+        if value > self.best:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+            return True
+        self.bad_evals += 1
+        if self.patience and self.bad_evals >= self.patience:
+            self.stopped = True
+        return False
+
+    def state(self) -> dict[str, Any]:
+        return {"patience": self.patience, "best": None if self.best == -math.inf else self.best,
+                "best_step": self.best_step, "bad_evals": self.bad_evals, "stopped": self.stopped}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None, patience: int) -> EarlyStopping:
+        if not state:
+            return cls(patience=patience)
+        best = state.get("best")
+        return cls(patience=patience, best=-math.inf if best is None else float(best),
+                   best_step=int(state.get("best_step", -1)), bad_evals=int(state.get("bad_evals", 0)),
+                   stopped=bool(state.get("stopped", False)))
+
+
+__all__ = ["EarlyStopping", "PreferenceEvaluator", "SFTEvaluator"]
