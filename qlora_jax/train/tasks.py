@@ -166,7 +166,7 @@ class SFTTask(Task):
         return lines
 
 
-class DPOTask(Task):
+class DPOTask(SFTTask):
     """Preference pairs (chosen/rejected rows interleaved); held-out reward accuracy, best adapter,
     optional early stopping. ``batch_size`` counts pairs."""
 
@@ -193,17 +193,13 @@ class DPOTask(Task):
                                       label_smoothing=float(o.label_smoothing), frozen_adapters=frozen)
         self.stopper = EarlyStopping(patience=rc.train.early_stopping_patience)
 
-    has_eval = SFTTask.has_eval
-    total_steps = SFTTask.total_steps
-    next_batch = SFTTask.next_batch
-
     @property
     def stopped(self) -> bool:
         return self.stopper.stopped
 
     def summary(self):
         o = self.objective
-        return {**SFTTask.summary(self), "objective": "dpo",
+        return {**super().summary(), "objective": "dpo",
                 "dpo": {"beta": o.beta, "loss_type": o.loss_type, "label_smoothing": o.label_smoothing},
                 "reference": "frozen starting adapters" if o.frozen_adapters else "adapters off"}
 
@@ -221,7 +217,7 @@ class DPOTask(Task):
         return {"early_stopping": self.stopper.state()}
 
     def step_row(self, m, batch, seconds):
-        return {**SFTTask.step_row(self, m, batch, seconds), **step_metrics(m)}
+        return {**super().step_row(m, batch, seconds), **step_metrics(m)}
 
     def evaluate(self, lora, ref_lora, step):
         t0 = time.perf_counter()
@@ -248,7 +244,7 @@ class DPOTask(Task):
                               "adapter_dir": str(workdir / "best_adapter")}
 
     def end_lines(self, r):
-        lines = SFTTask.end_lines(self, {k: v for k, v in r.items() if k not in ("eval_before", "eval_after")})
+        lines = super().end_lines({k: v for k, v in r.items() if k not in ("eval_before", "eval_after")})
         if r.get("early_stopped_at"):
             lines.append(f"early stopped  at step {r['early_stopped_at']} (no better held-out reward accuracy)")
         if "eval_after" in r and r.get("eval_before"):
