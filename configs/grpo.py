@@ -57,6 +57,7 @@ def get_config() -> ConfigDict:
     c.lora.init = "gaussian"  # "gaussian": A ~ N(0, init_std^2), B = 0 | "peft": kaiming-uniform A
     c.lora.init_std = 0.01  # std of A for init="gaussian"
     c.lora.rslora = False  # rank-stabilised scaling alpha / sqrt(r)
+    c.lora.use_dora = False  # DoRA: a trained magnitude per output row rescales W + s B A (peft use_dora)
 
     c.data = ConfigDict()
     c.data.train = "data/grpo_demo/train.jsonl"  # rows with a prompt column; the other columns go to the rewards

@@ -35,6 +35,7 @@ def get_config() -> ConfigDict:
     c.lora.init = "gaussian"  # "gaussian": A ~ N(0, init_std^2) (seed 000) | "peft": kaiming-uniform A
     c.lora.init_std = 0.01  # std of A for init="gaussian"
     c.lora.rslora = False  # rank-stabilised scaling alpha / sqrt(r)
+    c.lora.use_dora = False  # DoRA: a trained magnitude per output row rescales W + s B A (peft use_dora)
 
     c.data = ConfigDict()
     c.data.train = "data/sft_demo/train.jsonl"  # JSON/JSONL/CSV/parquet file, or a hub dataset name

@@ -41,7 +41,7 @@ class LoraTargetError(UserError):
 
 
 class LoRAParam(nnx.Variable):
-    """A trainable low-rank adapter weight (``lora_a`` [r, in] or ``lora_b`` [out, r]).
+    """A trainable adapter weight (``lora_a`` [r, in], ``lora_b`` [out, r], DoRA's ``lora_magnitude`` [out]).
 
     Not a subclass of ``nnx.Param``, so filtering on it never picks up a frozen base weight.
     """
@@ -49,6 +49,7 @@ class LoRAParam(nnx.Variable):
 
 # The filter that selects everything the optimizer updates.
 TRAINABLE = LoRAParam
+MAGNITUDE = "lora_magnitude"  # attribute name of DoRA's magnitude vector in an adapted linear
 
 
 def module_path(layer: int, proj: str) -> str:
@@ -75,7 +76,8 @@ class LoraConfig:
     init: str = "peft"  # "peft": A ~ U(+-1/sqrt(in)); "gaussian": A ~ N(0, init_std^2). B = 0.
     init_std: float = 0.01  # std of A for init="gaussian"
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
-    dtype: str = "float32"  # storage dtype of A and B
+    use_dora: bool = False  # DoRA: a trainable magnitude per output row (see the module docstring)
+    dtype: str = "float32"  # storage dtype of A, B (and the DoRA magnitude)
 
     def __post_init__(self):
         if isinstance(self.targets, (list, tuple)):
@@ -151,7 +153,8 @@ def init_lora_b(lora: LoraConfig, out_features: int) -> jax.Array:
 
 
 def init_adapters(model: nnx.Module, lora: LoraConfig, key: jax.Array) -> None:
-    """(Re)initialize every adapter of ``model`` in place: ``lora_a`` per ``lora.init``, ``lora_b`` = 0.
+    """(Re)initialize every adapter of ``model`` in place: ``lora_a`` per ``lora.init``, ``lora_b`` = 0,
+    and a DoRA magnitude to the row norms of its (frozen, possibly 4-bit) base weight.
 
     Each ``lora_a`` gets a key folded from ``key`` and its own path in the tree (and split per
     layer of a stacked array), so the values depend only on the seed and the module's name: a
@@ -165,12 +168,17 @@ def init_adapters(model: nnx.Module, lora: LoraConfig, key: jax.Array) -> None:
         if path[-1] == "lora_b":
             var.set_value(jnp.zeros(value.shape, lora.dtype))
             continue
+        if path[-1] == MAGNITUDE:
+            continue  # set below, from the base weight
         lead, (r, in_features) = value.shape[:-2], value.shape[-2:]
         if r != lora.r:
             raise ValueError(f"{name} has rank {r}, LoraConfig.r is {lora.r}")
         keys = jax.random.split(jax.random.fold_in(key, zlib.crc32(name.encode())), math.prod(lead))
         a = jax.vmap(functools.partial(init_lora_a, lora=lora, in_features=in_features))(keys)
         var.set_value(a.reshape(value.shape))
+    for _, node in nnx.iter_graph(model):  # DoRA linears (duck-typed: this module sees no models)
+        if getattr(node, MAGNITUDE, None) is not None:
+            node.init_dora_magnitude()
 
 
 def trainable_state(model: nnx.Module) -> nnx.State:
@@ -183,11 +191,17 @@ def split_model(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
     return nnx.split(model, LoRAParam, ...)
 
 
-def merge_linear(weight: Any, lora_a: Any, lora_b: Any, scale: float) -> np.ndarray:
-    """Dense merged weight ``W + s * B @ A`` [out, in] in float32 (numpy)."""
+def merge_linear(weight: Any, lora_a: Any, lora_b: Any, scale: float, magnitude: Any = None) -> np.ndarray:
+    """Dense merged weight ``W + s * B @ A`` [out, in] in float32 (numpy).
+
+    With a DoRA ``magnitude`` [out]: ``(m / ||W + s B A||)[:, None] * (W + s B A)``, PEFT's merge."""
     w = np.asarray(weight, np.float32)
     delta = np.asarray(lora_b, np.float32) @ np.asarray(lora_a, np.float32)
-    return w + np.float32(scale) * delta
+    merged = w + np.float32(scale) * delta
+    if magnitude is None:
+        return merged
+    norm = np.linalg.norm(merged, axis=1)
+    return (np.asarray(magnitude, np.float32) / norm)[:, None] * merged
 
 
 def merge_lora(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -201,7 +215,7 @@ def merge_lora(model: nnx.Module) -> dict[str, np.ndarray]:
     for view in model.iter_linears():
         if view.adapted:
             a, b = view.lora_a(), view.lora_b()
-            merged[view.hf_name + ".weight"] = merge_linear(view.base_weight(), a, b, view.scale)
+            merged[view.hf_name + ".weight"] = merge_linear(view.base_weight(), a, b, view.scale, view.magnitude())
     return merged
 
 
@@ -209,12 +223,16 @@ def peft_adapter_tensors(model: nnx.Module, prefix: str = "base_model.model.") -
     """Adapters under PEFT's ``adapter_model.safetensors`` names, float32.
 
     ``{prefix}model.layers.{i}.self_attn.q_proj.lora_A.weight`` [r, in] and ``...lora_B.weight``
-    [out, r]; only adapted linears.
+    [out, r]; with DoRA also ``...lora_magnitude_vector`` [out] (PEFT's saved name: no ``.weight``);
+    only adapted linears.
     """
     tensors = {}
     for view in model.iter_linears():
         if view.adapted:
             tensors[f"{prefix}{view.hf_name}.lora_A.weight"] = np.asarray(view.lora_a(), np.float32)
             tensors[f"{prefix}{view.hf_name}.lora_B.weight"] = np.asarray(view.lora_b(), np.float32)
+            magnitude = view.magnitude()
+            if magnitude is not None:
+                tensors[f"{prefix}{view.hf_name}.lora_magnitude_vector"] = magnitude
     return tensors
 

@@ -71,3 +71,27 @@ def write_tiny_llama(directory: Path, tokenizer, *, hidden: int = 64, intermedia
     save_file({name: init(name, shape) for name, shape in shapes.items()}, str(directory / "model.safetensors"))
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def compile_in_venv(venv: str, worker: str, mesh: str, *, require_env: str, missing: str, **env_extra: str) -> dict:
+    """Run ``tests/<worker>`` with ``<venv>/bin/python`` (a venv with an accelerator compiler: libtpu
+    or the CUDA plugin) for ``mesh`` and return the last JSON line it prints. Without the venv the
+    test is skipped, or fails when ``require_env`` is set (CI that builds the venv)."""
+    import json
+    import subprocess
+
+    import pytest
+
+    python = REPO / venv / "bin" / "python"
+    if not python.exists():
+        if os.environ.get(require_env):
+            pytest.fail(f"{require_env} is set but {python} is missing (make {venv})")
+        pytest.skip(f"no {venv} (make {venv}): {missing}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **env_extra)
+    env.pop("XLA_FLAGS", None)
+    r = subprocess.run([str(python), str(REPO / "tests" / worker), mesh],
+                       capture_output=True, text=True, env=env, timeout=1800, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert rows, r.stdout[-2000:] + r.stderr[-2000:]
+    return rows[-1]

@@ -2,7 +2,7 @@
 training step for a v5e:2x2 topology (4 chips, no hardware) and print one JSON line with the
 per-chip memory figures and what the optimized HLO holds.
 
-    JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 .venv-tpu/bin/python tests/_tpu_compile_worker.py MESH
+    JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 .venv-tpu/bin/python tests/_tpu_compile_worker.py MESH [auto|default]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ PER_CHIP = 1
 
 
 def non_fused_shapes(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(dtype, shape) of every instruction outside fused computations: the buffers XLA allocates."""
+    """(dtype, shape, opcode) of every instruction outside fused computations: the buffers XLA allocates."""
     fused = set(re.findall(r"\bcalls=%([\w.\-]+)", hlo))
     out = []
     current = None
@@ -41,10 +41,10 @@ def non_fused_shapes(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
             continue
         if current is None or current in fused:
             continue
-        m = re.match(r"\s*(?:ROOT )?%[\w.\-]+ = (\w+)\[([\d,]*)\]", line)
+        m = re.match(r"\s*(?:ROOT )?%[\w.\-]+ = (\w+)\[([\d,]*)\]\S* (\w[\w\-]*)\(", line)
         if m:
             dims = tuple(int(d) for d in m.group(2).split(",") if d)
-            out.append((m.group(1), dims))
+            out.append((m.group(1), dims, m.group(3)))
     return out
 
 
@@ -60,11 +60,13 @@ def main() -> None:
     target = dataclasses.replace(TARGETS["v5e-8"], name="v5e-4", topology="v5e:2x2", chips=4)
     devices = target_devices(target)
     mesh = tuple(int(x) for x in mesh_arg.split(","))
+    layout = sys.argv[2] if len(sys.argv) > 2 else "auto"  # "auto": as the trainer compiles it on TPU
     spec = StepSpec(hf_config=TINY, lora=LoraConfig(r=8, alpha=16.0, dropout=0.05), quant=QuantConfig(),
                     dtype="bfloat16", param_dtype="bfloat16", remat="full", micro_batch=PER_CHIP * mesh[0] * mesh[1],
                     grad_accum=1, seq=SEQ, mesh=mesh,
                     optimizer=dict(lr=1e-3, warmup_ratio=0.1, schedule="cosine", weight_decay=0.01,
-                                   max_grad_norm=0.3, b1=0.9, b2=0.999, eps=1e-8))
+                                   max_grad_norm=0.3, b1=0.9, b2=0.999, eps=1e-8),
+                    frozen_layout=layout)
     t0 = time.perf_counter()
     compiled = compile_step(spec, devices)
     seconds = time.perf_counter() - t0
@@ -77,18 +79,22 @@ def main() -> None:
         halves |= {(out_f, in_f // 2), (in_f // 2, out_f)}
     float_types = {"f32", "bf16", "f16"}
     shapes = non_fused_shapes(hlo)
-    weight_buffers = sorted({f"{t}{list(s)}" for t, s in shapes
+    weight_buffers = sorted({f"{t}{list(s)}" for t, s, _ in shapes
                              if t in float_types and len(s) >= 2 and tuple(s[-2:]) in weights})
     # The decoded nibble halves [out, in/2] in the compute dtype: fused into the matmuls at 8B size;
     # XLA may still materialize small ones in the backward pass (reported, not asserted).
-    half_buffers = sorted({f"{t}{list(s)}" for t, s in shapes
+    half_buffers = sorted({f"{t}{list(s)}" for t, s, _ in shapes
                            if t in ("bf16", "f16") and len(s) >= 2 and tuple(s[-2:]) in halves})
-    score_buffers = sorted({f"{t}{list(s)}" for t, s in shapes
+    # A relayout copy of a frozen uint8 array (NF4 codes, 8-bit absmax) would be a second copy of
+    # the 4-bit base per step: the frozen state is compiled in the layouts XLA picks, so none.
+    u8_copies = sorted({f"{t}{list(s)}" for t, s, op in shapes if t == "u8" and op == "copy"})
+    score_buffers = sorted({f"{t}{list(s)}" for t, s, _ in shapes
                             if t in float_types and len(s) >= 3 and s[-1] == SEQ and s[-2] == SEQ})
     print(json.dumps({
         "mesh": mesh_arg, "compile_s": round(seconds, 1), "arguments": mem.argument_size_in_bytes,
         "temporaries": mem.temp_size_in_bytes, "outputs": mem.output_size_in_bytes,
-        "weight_buffers": weight_buffers, "half_buffers": half_buffers, "score_buffers": score_buffers, "n_instructions": len(shapes),
+        "weight_buffers": weight_buffers, "half_buffers": half_buffers, "score_buffers": score_buffers,
+        "u8_copies": u8_copies, "frozen_layout": spec.frozen_layout, "n_instructions": len(shapes),
         "seq": SEQ, "per_chip": PER_CHIP, "platform": devices[0].platform,
     }))
 

@@ -130,3 +130,13 @@ def test_trainer_refuses_a_different_lora_on_resume_and_on_init_from(tiny_model_
                        r"different data .* resume with the data and batch settings it was trained with"):
         run(cfg)
     assert _files(first / "checkpoints") == saved
+
+    # resume with LoRA+ switched on: B's own AdamW group is another optimizer-state tree
+    cfg = _config(tiny_model_dir, first, steps=2)
+    cfg.optim.loraplus_lr_ratio = 16.0
+    with pytest.raises(ckpt_lib.CheckpointMismatch) as info:
+        run(cfg)
+    assert str(info.value) == (f"{first / 'checkpoints/1'}: optim.loraplus_lr_ratio: checkpoint has 0, config has 16 "
+                               "(LoRA+ on/off changes the optimizer state's layout); resume with the checkpoint's "
+                               "setting, or start a new run: --config.workdir=<new dir>")
+    assert _files(first / "checkpoints") == saved

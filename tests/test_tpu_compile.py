@@ -9,38 +9,24 @@ the sharded state (NF4 codes and scales, bf16 embeddings and norms, f32 adapters
 moments, the int32 batch); temporaries against a bound from the activations; and in the
 optimized HLO, outside fused computations (the buffers XLA allocates), no float ``[out, in]``
 decoder weight (the NF4 decode is fused into the matmuls) and no ``[..., seq, seq]`` attention
-scores (blockwise causal attention).
+scores (blockwise causal attention), and no relayout copy of the frozen uint8 arrays.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TPU_PYTHON = REPO / ".venv-tpu" / "bin" / "python"
 sys.path.insert(0, str(Path(__file__).parent))
+from _support import compile_in_venv  # noqa: E402
 from _tpu_compile_worker import PER_CHIP, SEQ, TINY  # noqa: E402
 
 
 def _compile(mesh: str) -> dict:
-    if not TPU_PYTHON.exists():
-        if os.environ.get("QLORA_REQUIRE_TPU_COMPILE"):
-            pytest.fail(f"QLORA_REQUIRE_TPU_COMPILE is set but {TPU_PYTHON} is missing (make .venv-tpu)")
-        pytest.skip("no .venv-tpu (make .venv-tpu): the TPU compiler is not installed")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-    env.pop("XLA_FLAGS", None)
-    r = subprocess.run([str(TPU_PYTHON), str(REPO / "tests" / "_tpu_compile_worker.py"), mesh],
-                       capture_output=True, text=True, env=env, timeout=1800, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert rows, r.stdout[-2000:] + r.stderr[-2000:]
-    return rows[-1]
+    return compile_in_venv(".venv-tpu", "_tpu_compile_worker.py", mesh, require_env="QLORA_REQUIRE_TPU_COMPILE",
+                           missing="the TPU compiler is not installed", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
 
 
 def _expected_argument_bytes(chips_batch: int, chips_weights: int) -> int:
@@ -70,3 +56,7 @@ def test_v5e_data_parallel_step_memory_and_hlo():
     assert 0 < row["temporaries"] < 64 * 2**20, row["temporaries"]
     assert row["weight_buffers"] == [], row["weight_buffers"]
     assert row["score_buffers"] == [], row["score_buffers"]
+    # The frozen state in XLA-chosen layouts (the trainer's TPU path): no per-step relayout copy of
+    # the NF4 codes or 8-bit absmax (the default layouts give 4 for this model: codes and absmax).
+    assert row["frozen_layout"] == "auto"
+    assert row["u8_copies"] == [], row["u8_copies"]

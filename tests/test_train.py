@@ -190,8 +190,8 @@ def test_gradient_accumulation_equals_big_batch(tiny_model_dir):
     tx = optax.sgd(1.0)  # new = old - grad: the update is the gradient itself
     key = jax.random.key_data(jax.random.key(0))
 
-    def one_step(batches):
-        fns, lora_state, rest, opt = loop.make_step_fns(model, tx, mesh)
+    def one_step(batches, **layout):
+        fns, lora_state, rest, opt = loop.make_step_fns(model, tx, mesh, **layout)
         before = jax.tree.map(np.asarray, lora_state)
         after, _, m = fns.train_step(lora_state, opt, rest, loop.stack_microbatches(batches, 0), key)
         return jax.tree.map(lambda a, b: a - np.asarray(b), before, after), m
@@ -214,6 +214,12 @@ def test_gradient_accumulation_equals_big_batch(tiny_model_dir):
     direct = jax.grad(mean_loss)(lora_state)
     for a, b in zip(jax.tree.leaves(g_acc), jax.tree.leaves(direct)):
         np.testing.assert_allclose(a, np.asarray(b), rtol=2e-4, atol=1e-7)
+    # The TPU path (frozen state moved into the layouts an ahead-of-time compile picks, the step
+    # jit'd with them) (it donates the model's frozen arrays, so it runs last) runs the same arithmetic: on CPU the chosen layouts are the default ones.
+    g_auto, m_auto = one_step(micro, frozen_layout="auto", example_batch=(2, 64))
+    assert float(m_auto["loss"]) == float(m_acc["loss"])
+    for a, b in zip(jax.tree.leaves(g_auto), jax.tree.leaves(g_acc)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_bad_data_and_nan_loss_stop_cleanly(tiny_model_dir, tmp_path, xla_cache):

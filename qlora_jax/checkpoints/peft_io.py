@@ -1,7 +1,8 @@
 """Adapters in PEFT's format: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
 Keys are ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight``
-([out, r]), ``<module>`` the transformers module name (``model.layers.3.self_attn.q_proj``), so
+([out, r]), with DoRA also ``...lora_magnitude_vector`` ([out], ``use_dora: true`` in the
+config), ``<module>`` the transformers module name (``model.layers.3.self_attn.q_proj``), so
 ``peft.PeftModel.from_pretrained(transformers_model, dir)`` loads them. ``target_modules`` lists
 the adapted projection names, ``layers_to_transform`` the adapted layers when not all are.
 """
@@ -46,6 +47,7 @@ def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model: str = ""
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
         "use_rslora": lora.use_rslora,
+        "use_dora": lora.use_dora,
         "target_modules": projections,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -65,8 +67,9 @@ def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model: str = ""
 def load_peft_adapter(model, adapter_dir: str | os.PathLike) -> None:
     """Set ``model``'s adapter values from a PEFT adapter directory (in place).
 
-    The adapter's r, lora_alpha and use_rslora must equal the model's LoRA config, and every
-    adapted linear of the model must have its two tensors: a clear error names what differs.
+    The adapter's r, lora_alpha, use_rslora and use_dora must equal the model's LoRA config, and
+    every adapted linear of the model must have its tensors (two, three with DoRA): a clear error
+    names what differs.
     """
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / ADAPTER_CONFIG
@@ -77,8 +80,9 @@ def load_peft_adapter(model, adapter_dir: str | os.PathLike) -> None:
     if lora is None:
         raise ValueError("the model has no LoRA adapters to load into")
     diffs = [f"{k}: adapter {cfg.get(k)!r} vs model {v!r}"
-             for k, v in (("r", lora.r), ("lora_alpha", lora.alpha), ("use_rslora", lora.use_rslora))
-             if cfg.get(k, False if k == "use_rslora" else None) != v]
+             for k, v in (("r", lora.r), ("lora_alpha", lora.alpha), ("use_rslora", lora.use_rslora),
+                          ("use_dora", lora.use_dora))
+             if cfg.get(k, False if k in ("use_rslora", "use_dora") else None) != v]
     if diffs:
         raise ValueError(f"{cfg_path}: LoRA config differs from the model's: " + "; ".join(diffs))
     tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
@@ -88,24 +92,26 @@ def load_peft_adapter(model, adapter_dir: str | os.PathLike) -> None:
         if not view.adapted:
             continue
         ka, kb = f"{_PREFIX}{view.hf_name}.lora_A.weight", f"{_PREFIX}{view.hf_name}.lora_B.weight"
-        if ka not in tensors or kb not in tensors:
+        km = f"{_PREFIX}{view.hf_name}.lora_magnitude_vector"
+        if ka not in tensors or kb not in tensors or (lora.use_dora and km not in tensors):
             missing.append(view.hf_name)
             continue
         entry = by_linear.setdefault(id(view.linear), (view.linear, []))
-        entry[1].append((view.layer, tensors[ka], tensors[kb]))
+        entry[1].append((view.layer, tensors[ka], tensors[kb], tensors.get(km) if lora.use_dora else None))
     if missing:
         raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS} lacks adapters for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
     for linear, items in by_linear.values():
-        a, b = linear.lora_a.get_value(), linear.lora_b.get_value()
-        a_np, b_np = np.array(a, np.float32), np.array(b, np.float32)
-        for layer, ta, tb in items:
-            if a_np[layer].shape != ta.shape or b_np[layer].shape != tb.shape:
-                raise ValueError(f"adapter shapes {ta.shape}/{tb.shape} do not fit layer {layer} "
-                                 f"({a_np[layer].shape}/{b_np[layer].shape})")
-            a_np[layer], b_np[layer] = ta, tb
-        linear.lora_a.set_value(_like(a, a_np))
-        linear.lora_b.set_value(_like(b, b_np))
+        variables = [linear.lora_a, linear.lora_b] + ([linear.lora_magnitude] if lora.use_dora else [])
+        arrays = [np.array(v.get_value(), np.float32) for v in variables]
+        for layer, *tensors_of_layer in items:
+            for arr, t in zip(arrays, tensors_of_layer):
+                if arr[layer].shape != t.shape:
+                    raise ValueError(f"adapter tensor of shape {t.shape} does not fit layer {layer} "
+                                     f"(expected {arr[layer].shape})")
+                arr[layer] = t
+        for var, arr in zip(variables, arrays):
+            var.set_value(_like(var.get_value(), arr))
 
 
 def _like(ref: jax.Array, values: np.ndarray) -> jax.Array:

@@ -45,8 +45,10 @@ CHECKPOINT_DIR = "checkpoints"
 
 log = logging.getLogger(__name__)
 
-# The keys of the LoRA record that must agree between a checkpoint and the model restoring it.
-LORA_KEYS_CHECKED = ("r", "alpha", "targets", "use_rslora")
+# The keys of the LoRA record that must agree between a checkpoint and the model restoring it,
+# with the value a record written before the key existed stands for.
+LORA_KEYS_CHECKED = ("r", "alpha", "targets", "use_rslora", "use_dora")
+LORA_RECORD_DEFAULTS = {"use_rslora": False, "use_dora": False}
 
 
 class CheckpointMismatch(UserError):
@@ -58,10 +60,13 @@ class RunDirError(UserError):
 
 
 def check_lora_record(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    def get(record, k):
+        return record.get(k, LORA_RECORD_DEFAULTS.get(k))
+
     diffs = [
-        f"lora.{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}"
+        f"lora.{k}: checkpoint has {get(saved, k)!r}, config has {get(current, k)!r}"
         for k in LORA_KEYS_CHECKED
-        if _norm(saved.get(k)) != _norm(current.get(k))
+        if _norm(get(saved, k)) != _norm(get(current, k))
     ]
     if diffs:
         raise CheckpointMismatch(f"{where}: LoRA config differs from the checkpoint's:\n  " + "\n  ".join(diffs))
@@ -347,7 +352,8 @@ def lora_config_from_record(record: dict[str, Any]) -> LoraConfig:
     targets = record.get("targets", ALL_LINEAR)
     return LoraConfig(r=int(record["r"]), alpha=float(record["alpha"]), dropout=float(record.get("dropout", 0.0)),
                       targets=tuple(targets) if isinstance(targets, list) else targets,
-                      init=record.get("init", "peft"), use_rslora=bool(record.get("use_rslora", False)))
+                      init=record.get("init", "peft"), use_rslora=bool(record.get("use_rslora", False)),
+                      use_dora=bool(record.get("use_dora", False)))
 
 
 def lora_config_from_peft(adapter_dir: Path) -> LoraConfig:
@@ -373,7 +379,8 @@ def lora_config_from_peft(adapter_dir: Path) -> LoraConfig:
     elif layers is not None:
         raise RunDirError(f"{path}: a regex target_modules with layers_to_transform is not supported")
     return LoraConfig(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
-                      targets=targets, use_rslora=bool(cfg.get("use_rslora", False)))
+                      targets=targets, use_rslora=bool(cfg.get("use_rslora", False)),
+                      use_dora=bool(cfg.get("use_dora", False)))
 
 
 def read_run(workdir: str | os.PathLike, *, source: str | None = None, adapter: str | os.PathLike | None = None,

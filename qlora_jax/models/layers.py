@@ -12,11 +12,14 @@ Variable types (the whole parameter tree is made of these three plus ``LoRAParam
 Memory contract of the frozen matmul: the backward pass re-materializes the weight from what is
 stored (dequantizing NF4, or casting a dense weight to the compute dtype) instead of saving the
 ``[out, in]`` float weight as a residual. With quantization this is what keeps QLoRA's training
-memory at the size of the 4-bit model.
+memory at the size of the 4-bit model. DoRA's weight norm (:func:`dora_weight_norm`) is computed
+from the stored weight too, detached: it adds one ``[out]`` residual per linear.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Any
@@ -25,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax import lora as lora_lib
 from qlora_jax.models.config import ModelConfig, QuantConfig
@@ -36,6 +40,43 @@ INIT_STD = 0.02  # transformers' initializer_range for these families; used for 
 
 # quantize_4bit compiled once per weight shape (eagerly it would dispatch op by op).
 quantize_jit = jax.jit(quantize_4bit, static_argnames=("quant_type", "blocksize", "double_quant"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation sharding inside the training step.
+
+_ACTIVATION_MESH: contextvars.ContextVar = contextvars.ContextVar("qlora_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Any):
+    """While tracing under this context, :func:`shard_activation` pins activations' batch dim to the
+    mesh's ("data", "fsdp") axes. The trainer's step traces its body under it: without the pin,
+    XLA's partitioner may keep a weight sharded on its contracting (hidden) dim over fsdp and
+    instead gather the whole batch's activations onto every device and all-reduce the matmul's
+    output, so every chip holds (and, under remat, saves) the global batch's activations."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def shard_activation(x: jax.Array, feature_axis: str | None = None) -> jax.Array:
+    """``x [batch, ..., features]``: batch over ("data", "fsdp"), the last dim over
+    ``feature_axis`` (e.g. "tensor" for the MLP's hidden units) when it divides; a no-op outside
+    :func:`activation_sharding` or when the batch does not divide."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return x
+    sizes = dict(mesh.shape)
+    rows = sizes.get("data", 1) * sizes.get("fsdp", 1)
+    if rows == 1 and (feature_axis is None or sizes.get(feature_axis, 1) == 1):
+        return x
+    batch = ("data", "fsdp") if x.shape[0] % rows == 0 and rows > 1 else None
+    last = feature_axis if feature_axis and sizes.get(feature_axis, 1) > 1 and x.shape[-1] % sizes[feature_axis] == 0 else None
+    spec = jax.sharding.PartitionSpec(batch, *([None] * (x.ndim - 2)), last)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 class BaseParam(nnx.Variable):
@@ -148,6 +189,45 @@ def _lora_matmul_bwd(res, g):
 lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
 
 
+def _row_sq_norm(w: jax.Array | Quant4bit, dtype: Any) -> jax.Array:
+    """``sum_i W[o, i]^2`` [out] in float32, decoding a 4-bit weight as the matmul does."""
+    if _decode_in_matmul(w, dtype):  # elementwise decode: XLA fuses it into the reduction
+        hi, lo = dequantize_4bit_halves(w, jnp.float32)
+        return jnp.sum(hi * hi, axis=-1) + jnp.sum(lo * lo, axis=-1)
+    wf = materialize_weight(w, jnp.float32)
+    return jnp.sum(wf * wf, axis=-1)
+
+
+def dora_weight_norm(w: jax.Array | Quant4bit, a: jax.Array, b: jax.Array, scale: float,
+                     dtype: Any = jnp.float32) -> jax.Array:
+    """DoRA's ``||W + s B A||`` over the input dim, one per output row: ``[out]`` float32, no gradient.
+
+    Expanded per row ``o`` as ``||W_o||^2 + 2 s B_o . (W A^T)_o + s^2 B_o (A A^T) B_o^T``: the
+    weight enters only through its row square-sums and the thin ``A W^T`` [r, out] (the frozen
+    matmul, which decodes NF4 inside itself), so neither ``W + s B A`` nor ``B A`` is ever formed
+    as an ``[out, in]`` array. Everything is under ``stop_gradient`` (PEFT detaches the norm), so
+    the backward pass keeps nothing of it but the ``[out]`` result.
+    """
+    a, b = jax.lax.stop_gradient(a), jax.lax.stop_gradient(b)
+    hi = jax.lax.Precision.HIGHEST
+    aw = frozen_matmul(a.astype(dtype), w).astype(jnp.float32)       # [r, out] = A W^T
+    a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
+    cross = jnp.einsum("or,ro->o", b32, aw, precision=hi)           # B_o . (W A^T)_o
+    gram = jnp.einsum("ri,si->rs", a32, a32, precision=hi)          # A A^T [r, r]
+    ba_sq = jnp.einsum("or,rs,os->o", b32, gram, b32, precision=hi)  # ||(B A)_o||^2
+    sq = _row_sq_norm(w, dtype) + 2.0 * scale * cross + scale * scale * ba_sq
+    return jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(sq, 0.0)))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "stacked"))
+def _initial_magnitude(w: Any, a: jax.Array, b: jax.Array, *, scale: float, stacked: bool) -> jax.Array:
+    """:func:`dora_weight_norm` in float32, compiled once per shape. Stacked arrays are done one
+    layer at a time (``lax.map``): the float32 decode is then one layer's, never the stack's."""
+    if stacked:
+        return jax.lax.map(lambda wab: dora_weight_norm(*wab, scale), (w, a, b))
+    return dora_weight_norm(w, a, b, scale)
+
+
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     if key is None or rate == 0.0:
         return x
@@ -168,8 +248,9 @@ class QLoRALinear(nnx.Module):
 
     ``weight`` is HF ``[out, in]``: a ``QuantParam(Quant4bit)`` when ``quant`` is set, else a
     ``BaseParam`` array. ``lora_a`` [r, in] and ``lora_b`` [out, r] (PEFT's shapes) exist when
-    ``lora`` is given. Inside a stacked (scanned) decoder every array gains a leading layer axis;
-    ``index`` arguments of the inspection methods select one layer.
+    ``lora`` is given, and with ``lora.use_dora`` the magnitude ``lora_magnitude`` [out] (DoRA,
+    see ``qlora_jax.lora``). Inside a stacked (scanned) decoder every array gains a leading layer
+    axis; ``index`` arguments of the inspection methods select one layer.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
@@ -191,6 +272,11 @@ class QLoRALinear(nnx.Module):
             self.lora_b = lora_lib.LoRAParam(lora_lib.init_lora_b(lora, out_features))
         else:
             self.lora_a = self.lora_b = None
+        if lora is not None and lora.use_dora:
+            self.lora_magnitude = lora_lib.LoRAParam(jnp.zeros((out_features,), lora.dtype))
+            self.init_dora_magnitude()
+        else:
+            self.lora_magnitude = None
 
     @property
     def adapted(self) -> bool:
@@ -205,18 +291,38 @@ class QLoRALinear(nnx.Module):
         layers of a stacked decoder whose copy of this linear is not targeted.
         """
         x = x.astype(self.dtype)
-        y = frozen_matmul(x, self.weight.get_value())
+        w = self.weight.get_value()
+        base = frozen_matmul(x, w)
+        y = base
         if self.bias is not None:
             y = y + self.bias.get_value().astype(self.dtype)
-        if self.adapted and lora_enabled:
-            xd = _dropout(x, self.lora_config.dropout, dropout_key)
-            a = self.lora_a.get_value().astype(self.dtype)  # [r, in]
-            b = self.lora_b.get_value().astype(self.dtype)  # [out, r]
+        if not (self.adapted and lora_enabled):
+            return y
+        xd = _dropout(x, self.lora_config.dropout, dropout_key)
+        a = self.lora_a.get_value().astype(self.dtype)  # [r, in]
+        b = self.lora_b.get_value().astype(self.dtype)  # [out, r]
+        if self.lora_magnitude is None:
             scale = jnp.asarray(self.scale, self.dtype)
             if lora_gate is not None:
                 scale = scale * lora_gate.astype(self.dtype)
-            y = y + lora_matmul(xd, a, b, scale)
-        return y
+            return y + lora_matmul(xd, a, b, scale)
+        # DoRA, as PEFT's DoraLinearLayer.forward: the bias-free base output rescaled per row;
+        # with dropout the rescaled copy is of the dropped-out input (a second frozen matmul).
+        norm = checkpoint_name(dora_weight_norm(w, a, b, self.scale, self.dtype), "dora_norm")  # [out]
+        mag_scale = (self.lora_magnitude.get_value().astype(jnp.float32) / norm).astype(self.dtype)
+        base_d = base if xd is x else frozen_matmul(xd, w)
+        adapter = lora_matmul(xd, a, b, jnp.asarray(self.scale, self.dtype))
+        delta = (mag_scale - 1) * base_d + mag_scale * adapter
+        if lora_gate is not None:
+            delta = delta * lora_gate.astype(self.dtype)
+        return y + delta
+
+    def init_dora_magnitude(self) -> None:
+        """Set the DoRA magnitude to ``||W + s B A||`` per output row (``||W||`` at B = 0), as PEFT
+        initialises ``lora_magnitude_vector``; per layer when the arrays are stacked."""
+        a, b = self.lora_a.get_value(), self.lora_b.get_value()
+        norm = _initial_magnitude(self.weight.get_value(), a, b, scale=self.scale, stacked=a.ndim == 3)
+        self.lora_magnitude.set_value(norm.astype(self.lora_config.dtype))
 
     # Inspection (host-side, float32 numpy): used by merging and export.
     def base_weight(self, index: int | None = None) -> np.ndarray:
@@ -234,6 +340,12 @@ class QLoRALinear(nnx.Module):
             raise ValueError("this linear has no LoRA adapter")
         return (np.asarray(_take_layer(self.lora_a.get_value(), index), np.float32),
                 np.asarray(_take_layer(self.lora_b.get_value(), index), np.float32))
+
+    def magnitude(self, index: int | None = None) -> np.ndarray | None:
+        """DoRA's ``lora_magnitude`` [out] of one layer, float32 (None without DoRA)."""
+        if self.lora_magnitude is None:
+            return None
+        return np.asarray(_take_layer(self.lora_magnitude.get_value(), index), np.float32)
 
 
 class RMSNorm(nnx.Module):

@@ -271,8 +271,9 @@ def iter_hf_tensors(model: CausalLM, *, merge_lora: bool = False,
     """The model's frozen weights under transformers names, one host array at a time.
 
     4-bit linears are dequantized; with ``merge_lora`` every adapted linear's weight is
-    ``W + s B A`` (a merged model for export). Adapters themselves are not yielded (see
-    ``qlora_jax.lora.peft_adapter_tensors``). Tied models yield no ``lm_head.weight``.
+    ``W + s B A``, rescaled per row with DoRA (``lora.merge_linear``): a merged model for export.
+    Adapters themselves are not yielded (see ``qlora_jax.lora.peft_adapter_tensors``). Tied
+    models yield no ``lm_head.weight``.
     """
     variables = _variables(model)
     masks = dict(model.lora_layer_mask)
@@ -289,5 +290,8 @@ def iter_hf_tensors(model: CausalLM, *, merge_lora: bool = False,
         if merge_lora and slot.path[-1] == "weight" and proj in masks and masks[proj][slot.layer]:
             a, b = (np.asarray(variables[slot.path[:-1] + (k,)].get_value()[slot.layer], np.float32)
                     for k in ("lora_a", "lora_b"))
-            value = lora_lib.merge_linear(value, a, b, scale)
+            magnitude = variables.get(slot.path[:-1] + (lora_lib.MAGNITUDE,))
+            if magnitude is not None:
+                magnitude = np.asarray(magnitude.get_value()[slot.layer], np.float32)
+            value = lora_lib.merge_linear(value, a, b, scale, magnitude)
         yield name, value.astype(dtype)

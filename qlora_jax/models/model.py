@@ -10,6 +10,7 @@ into a leading axis of every decoder-layer array)::
     layers.self_attn.{q,k,v,o}_proj.bias        BaseParam [L, out]        (if the family has it)
     layers.self_attn.{q,k,v,o}_proj.lora_a      LoRAParam [L, r, in]      (if targeted)
     layers.self_attn.{q,k,v,o}_proj.lora_b      LoRAParam [L, out, r]     (if targeted)
+    layers.self_attn.{q,k,v,o}_proj.lora_magnitude  LoRAParam [L, out]    (if targeted, DoRA)
     layers.self_attn.{q,k}_norm.weight          BaseParam [L, head_dim]   (qwen3)
     layers.post_attention_layernorm.weight      BaseParam [L, hidden]
     layers.mlp.{gate,up,down}_proj.*            as the attention projections
@@ -48,7 +49,9 @@ from qlora_jax.models.config import ModelConfig, QuantConfig
 # (frozen matmul plus adapter), the attention output and the residual stream after attention. Everything else in a layer (norms, rope,
 # attention scores and probabilities, SiLU, the down-projection input) is recomputed from them
 # in the backward pass: elementwise work and the attention matmuls, never a projection.
-SAVED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "attn_residual", "gate_proj", "up_proj")
+# "dora_norm": DoRA's per-row weight norms [out] (tiny; recomputing them would decode W again).
+SAVED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "attn_residual", "gate_proj", "up_proj",
+                     "dora_norm")
 
 _REMAT_POLICIES = {
     "projections": jax.checkpoint_policies.save_only_these_names(*SAVED_PROJECTIONS),
@@ -118,8 +121,8 @@ class MLP(nnx.Module):
                 dtype=dtype, param_dtype=param_dtype, rngs=rngs))
 
     def __call__(self, x, *, lora_kw: dict[str, dict]) -> jax.Array:
-        gate = checkpoint_name(self.gate_proj(x, **lora_kw["gate_proj"]), "gate_proj")
-        up = checkpoint_name(self.up_proj(x, **lora_kw["up_proj"]), "up_proj")
+        gate = checkpoint_name(layers.shard_activation(self.gate_proj(x, **lora_kw["gate_proj"]), "tensor"), "gate_proj")
+        up = checkpoint_name(layers.shard_activation(self.up_proj(x, **lora_kw["up_proj"]), "tensor"), "up_proj")
         return self.down_proj(jax.nn.silu(gate) * up, **lora_kw["down_proj"])
 
 
@@ -136,10 +139,11 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, h, *, cos, sin, mask, lora_kw: dict[str, dict], kv: tuple | None = None):
         """``h -> h``; with a KV cache ``kv`` (see :class:`Attention`) ``-> (h, (k_all, v_all))``."""
+        h = layers.shard_activation(h)  # the residual stream: batch over (data, fsdp) in training
         attn = self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, mask=mask, lora_kw=lora_kw, kv=kv)
         if kv is not None:
             attn, kv = attn
-        h = checkpoint_name(h + attn, "attn_residual")  # the MLP norm's input: saved, so o_proj is not rerun
+        h = checkpoint_name(layers.shard_activation(h + attn), "attn_residual")  # saved: o_proj is not rerun
         h = h + self.mlp(self.post_attention_layernorm(h), lora_kw=lora_kw)
         return h if kv is None else (h, kv)
 
@@ -166,6 +170,10 @@ class LinearView:
 
     def lora_b(self) -> np.ndarray:
         return self.linear.lora_weights(self.layer)[1]
+
+    def magnitude(self) -> np.ndarray | None:
+        """DoRA's magnitude [out], or None without DoRA."""
+        return self.linear.magnitude(self.layer)
 
 
 class CausalLM(nnx.Module):

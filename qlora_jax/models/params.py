@@ -5,7 +5,8 @@ layer's norms, 7 projections and Qwen3's ``q_norm`` / ``k_norm``, the final norm
 giving its shape as ``ModelConfig`` attribute names, the logical name of each dimension and
 whether it lives in the stacked (scanned) decoder. The arrays a weight is stored as follow from
 its kind (``LEAVES``): a linear has a ``bias`` on its out axis, LoRA adapters ``lora_a [r, in]``
-(``("rank", in)``) and ``lora_b [out, r]`` (``(out, "rank")``) as PEFT lays them out, and when
+(``("rank", in)``) and ``lora_b [out, r]`` (``(out, "rank")``) as PEFT lays them out, DoRA's
+``lora_magnitude [out]`` on the out axis (like the bias), and when
 quantized the NF4 pieces of ``qlora_jax.quant.Quant4bit`` -- ``packed`` codes and ``absmax``
 reuse the weight's ``(out, in)`` axes, ``nested_absmax`` is ``("blocks",)`` and ``offset`` a
 scalar.
@@ -111,6 +112,7 @@ LEAVES: dict[str, dict[str, tuple[str, Callable[[Axes], Axes]]]] = {
         "bias": ("param", lambda ax: ax[:1]),
         "lora_a": ("lora", lambda ax: ("rank", ax[1])),
         "lora_b": ("lora", lambda ax: (ax[0], "rank")),
+        "lora_magnitude": ("lora", lambda ax: ax[:1]),  # DoRA
     },
 }
 
@@ -177,6 +179,8 @@ def param_specs(config: ModelConfig, *, quant: QuantConfig | None = None,
             if lora is not None and any(lora.layer_mask(n, proj)):
                 leaf_shapes["lora_a"] = (lora.r, shape[1])
                 leaf_shapes["lora_b"] = (shape[0], lora.r)
+                if lora.use_dora:
+                    leaf_shapes["lora_magnitude"] = shape[:1]
         for leaf, leaf_shape in leaf_shapes.items():
             role, axes_of = LEAVES[w.kind][leaf]
             specs[f"{module}.{leaf}"] = ParamSpec(tuple(leaf_shape), role, axes_of(w.axes), w.stacked)
@@ -247,7 +251,7 @@ class ParamCounts:
     """Analytic parameter counts.
 
     ``total``: every parameter (base + adapters), tied embeddings counted once.
-    ``trainable``: adapter parameters.
+    ``trainable``: adapter parameters (DoRA's magnitudes included).
     ``total_4bit``: as bitsandbytes/PEFT report a 4-bit model: a packed 4-bit weight counts
     ``numel / 2`` (its uint8 elements); quantization statistics are not counted.
     """
@@ -278,7 +282,7 @@ def count_params(config: ModelConfig, lora: LoraConfig | None = None) -> ParamCo
     if lora is not None:
         for path in lora.targeted_modules(n):
             out_f, in_f = shapes[path.rsplit(".", 1)[-1]]
-            adapters += lora.r * (in_f + out_f)
+            adapters += lora.r * (in_f + out_f) + (out_f if lora.use_dora else 0)
     unquantized = biases + norms + embeddings + adapters
     return ParamCounts(total=linear_weights + unquantized, trainable=adapters,
                        total_4bit=linear_weights // 2 + unquantized)

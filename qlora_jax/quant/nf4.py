@@ -260,16 +260,21 @@ def dequantize_4bit(q: Quant4bit, dtype: Any = None) -> jax.Array:
 
 
 def code_values(nibble: jax.Array, quant_type: str = "nf4") -> jax.Array:
-    """float32 table values of 4-bit codes ``nibble`` (uint8, 0..15), as elementwise selects.
+    """float32 table values of 4-bit codes ``nibble`` (uint8, 0..15), elementwise and exact.
 
-    A chain of 15 compare-and-selects instead of a table gather: XLA fuses it into whatever
-    consumes it (on TPU, into the matmul's operand), where a gather is a separate kernel whose
-    output is written to memory.
+    ``sum_c (nibble == c) * table[c]``: one term is the code's value, the other fifteen are zeros,
+    so the sum is exactly ``table[nibble]`` (a zero code value may come out as -0.0). No table
+    gather: XLA fuses this into whatever consumes it (on TPU, into the matmul's operand), where a
+    gather is a separate kernel whose output is written to memory. Not ``jnp.where(nibble == c,
+    table[c], ...)`` either: ``where`` broadcasts each scalar to the full weight shape, and under
+    the remat'd layer scan those 16 loop-invariant float32 constants per weight shape were hoisted
+    out of the loop and kept alive through it (3.8 GiB per GPU at 8B; docs/gpu_aot.md). A
+    multiply by a scalar literal broadcasts nothing.
     """
     table = np.asarray(codes.code_table(quant_type), np.float32)
-    values = jnp.full(nibble.shape, table[0], jnp.float32)
+    values = (nibble == 0).astype(jnp.float32) * table[0]
     for c in range(1, 16):
-        values = jnp.where(nibble == c, table[c], values)
+        values = values + (nibble == c).astype(jnp.float32) * table[c]
     return values
 
 

@@ -8,8 +8,12 @@ gives what one chip will hold: arguments (NF4 base, adapters, AdamW state, batch
 A TPU compile that runs out of HBM fails here with the error the TPU VM would raise.
 
 Targets: ``v5e-8``, ``v5e-1`` (one chip), ``v4-8``, ``v6e-8`` (TPU topologies: needs ``libtpu``, i.e. ``jax[tpu]`` of our
-jax version; ``make .venv-tpu`` builds a venv with it) and ``cpu`` (this machine's devices). No
-accelerator is needed: the TPU compiler runs on any x86 Linux host.
+jax version; ``make .venv-tpu`` builds a venv with it), ``h100x8`` (8 NVIDIA H100 SXM 80GB: needs the
+CUDA PJRT plugin, ``jax-cuda12-plugin`` and ``jax-cuda12-pjrt`` of our jax version, no CUDA libraries;
+``make .venv-cuda``; docs/gpu_aot.md) and ``cpu`` (this machine's devices). No accelerator is needed:
+the TPU compiler and XLA:GPU (given the GPU's description, ``gpu_specs/*.txtpb``) run on any x86 Linux host.
+XLA:GPU does not check memory at compile time: a GPU step that does not fit compiles, and the
+verdict is the reported arguments + temporaries against the memory JAX's allocator takes.
 
 ``--fit`` searches the settings: for each remat policy from the cheapest (no recomputation) to
 ``full``, the largest micro-batch per chip (1, 2, 4, ...) whose step compiles within the chip's
@@ -34,6 +38,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from qlora_jax.errors import UserError
@@ -45,16 +50,41 @@ REMAT_ORDER = ("none", "projections", "dots_no_batch", "full")  # cheapest first
 @dataclasses.dataclass(frozen=True)
 class Target:
     name: str
-    platform: str  # "tpu" | "cpu"
-    topology: str  # topology name for jax.experimental.topologies
+    platform: str  # "tpu" | "cuda" | "cpu"
+    topology: str  # topology name for jax.experimental.topologies (cuda: "partitions x hosts x GPUs per host")
     chips: int
     hbm_gib: float  # per chip, as sold
     available_gib: float  # per chip, what XLA lets a program use
     topology_kwargs: tuple[tuple[str, Any], ...] = ()
+    gpu_spec: str = ""  # cuda: the GPU's GpuTargetConfigProto, a file in gpu_specs/
 
     @property
     def description(self) -> str:
-        return f"{self.name} ({self.chips} x {self.hbm_gib:g} GiB, {self.available_gib:g} GiB usable)"
+        usable = f"{self.available_gib:g} GiB usable"
+        if self.platform == "cuda":
+            usable += f": JAX's allocator takes {GPU_MEM_FRACTION:g} of it, XLA_PYTHON_CLIENT_MEM_FRACTION"
+        return f"{self.name} ({self.chips} x {self.hbm_gib:g} GiB, {usable})"
+
+
+GPU_SPECS = Path(__file__).resolve().parent / "gpu_specs"
+
+
+def _gpu_mem_fraction() -> float:
+    """The share of a GPU's memory JAX's allocator takes: ``XLA_PYTHON_CLIENT_MEM_FRACTION``, default 0.75.
+
+    JAX's GPU client hands its BFC allocator that fraction (of the memory free once the CUDA context
+    exists), preallocated or, with ``XLA_PYTHON_CLIENT_PREALLOCATE=false``, as the cap it grows to;
+    whatever is left goes to the CUDA context, cuBLAS/cuDNN workspaces and NCCL's buffers.
+    """
+    try:
+        value = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    except ValueError:
+        return 0.75
+    return value if 0 < value <= 1 else 0.75
+
+
+GPU_MEM_FRACTION = _gpu_mem_fraction()
+H100_BYTES = 84942979072  # device_memory_size of an H100 SXM 80GB HBM3 (gpu_specs/h100_sxm.txtpb): 79.1 GiB
 
 
 TARGETS = {
@@ -66,10 +96,15 @@ TARGETS = {
     "v4-8": Target("v4-8", "tpu", "v4:2x2x1", 4, 32, 30.75,
                    (("chip_config_name", "megacore"), ("chips_per_host_bounds", (2, 2, 1)), ("num_slices", 1),
                     ("wrap", (False, False, False)))),
+    # 8 x H100 SXM 80GB on one host (an HGX H100 / p5.48xlarge / a3-highgpu-8g), compiled by XLA:GPU.
+    "h100x8": Target("h100x8", "cuda", "1x1x8", 8, 80, round(GPU_MEM_FRACTION * H100_BYTES / 2**30, 2),
+                     gpu_spec="h100_sxm.txtpb"),
     "cpu": Target("cpu", "cpu", "", 0, 0, 0),
 }
 
 PIP_LINE = 'pip install "jax[tpu]=={version}"'
+CUDA_PIP_LINE = ('pip install "jax-cuda12-plugin=={version}" "jax-cuda12-pjrt=={version}" '
+                 '"nvidia-cuda-nvcc-cu12==12.9.86"')
 
 
 class PlanError(UserError):
@@ -86,6 +121,7 @@ class StepMemory:
     remat: str
     dtype: str
     fits: bool
+    frozen_layout: str = "default"
     arguments: int = 0  # bytes per chip
     temporaries: int = 0
     outputs: int = 0
@@ -116,12 +152,61 @@ def _need_libtpu(target: Target) -> None:
                         f"and use .venv-tpu/bin/python -m qlora_jax.plan, or {PIP_LINE.format(version=jax.__version__)}")
 
 
+def cuda_plugin_available() -> bool:
+    return (importlib.util.find_spec("jax_cuda12_plugin") is not None
+            and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
+
+
+def _ptxas_available() -> bool:
+    """XLA:GPU turns its PTX into H100 code with ptxas (this plugin has no built-in PTX compiler):
+    from the nvidia-cuda-nvcc-cu12 wheel, PATH, a CUDA toolkit in /usr/local/cuda, or
+    ``--xla_gpu_cuda_data_dir``."""
+    import shutil
+
+    spec = importlib.util.find_spec("nvidia.cuda_nvcc") if importlib.util.find_spec("nvidia") else None
+    wheel = spec is not None and any((Path(p) / "bin" / "ptxas").exists() for p in spec.submodule_search_locations or ())
+    return (wheel or shutil.which("ptxas") is not None or Path("/usr/local/cuda/bin/ptxas").exists()
+            or "--xla_gpu_cuda_data_dir" in os.environ.get("XLA_FLAGS", ""))
+
+
+def _gpu_devices(target: Target) -> list[Any]:
+    """Compile-only devices of ``target``'s GPUs: the CUDA PJRT plugin's topology from a target config.
+
+    No driver, GPU or CUDA library is needed: XLA:GPU compiles against the device description
+    (``gpu_specs/``) and does not autotune. The plugin checks the installed CUDA libraries' versions
+    when it loads unless JAX_PLATFORMS leaves cuda out or JAX_SKIP_CUDA_CONSTRAINTS_CHECK is set;
+    the planner needs none of them, so the check is skipped.
+    """
+    import jax
+
+    if not cuda_plugin_available():
+        raise PlanError(f"compiling for {target.name} needs the jax CUDA plugin, which this environment lacks: "
+                        f"run `make .venv-cuda` and use .venv-cuda/bin/python -m qlora_jax.plan, or "
+                        f"{CUDA_PIP_LINE.format(version=jax.__version__)}")
+    if not _ptxas_available():
+        raise PlanError(f"compiling for {target.name} needs ptxas (CUDA's PTX assembler), which this environment "
+                        f"lacks: pip install \"nvidia-cuda-nvcc-cu12==12.9.86\" (make .venv-cuda installs it)")
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # read when the plugin is first loaded
+    from jax.experimental import topologies
+
+    spec = (GPU_SPECS / target.gpu_spec).read_text()
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", topology=target.topology, target_config=spec,
+                                            **dict(target.topology_kwargs))
+    except NotImplementedError as e:  # the plugin did not register: it failed to load
+        raise PlanError(f"the jax CUDA plugin did not load ({e}); run with JAX_PLATFORMS=cpu "
+                        f"JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1") from e
+    return list(topo.devices)
+
+
 def target_devices(target: Target) -> list[Any]:
-    """The target's devices to compile for (TPU: a topology description, no hardware)."""
+    """The target's devices to compile for (TPU, GPU: a topology description, no hardware)."""
     import jax
 
     if target.platform == "cpu":
         return list(jax.devices("cpu"))
+    if target.platform == "cuda":
+        return _gpu_devices(target)
     _need_libtpu(target)
     from jax.experimental import topologies
 
@@ -149,6 +234,7 @@ class StepSpec:
     mesh: tuple[int, int, int]
     optimizer: dict
     offload: bool = False
+    frozen_layout: str = ""  # "auto" | "default"; "": as the trainer picks it (loop.frozen_layout_for)
 
 
 def compile_step(spec: StepSpec, devices: list[Any]):
@@ -168,12 +254,19 @@ def compile_step(spec: StepSpec, devices: list[Any]):
                                                param_dtype=spec.param_dtype, rngs=nnx.Rngs(0)))
     tx, _ = make_optimizer(total_steps=1000, **spec.optimizer)
     fns, lora_state, rest, opt = loop.make_step_fns(abstract, tx, mesh, abstract=True,
-                                                    offload_optimizer=spec.offload)
+                                                    offload_optimizer=spec.offload,
+                                                    frozen_layout=_frozen_layout(spec, devices[0].platform))
     shape = (spec.grad_accum, spec.micro_batch, spec.seq)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=fns.batch_sharding)
              for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
     return fns.train_step.lower(lora_state, opt, rest, batch, key).compile()
+
+
+def _frozen_layout(spec: StepSpec, platform: str) -> str:
+    from qlora_jax.train.loop import frozen_layout_for  # imports jax: not at module level
+
+    return spec.frozen_layout or frozen_layout_for(platform, spec.mesh)
 
 
 _OOM = re.compile(r"(?:Ran out of memory|RESOURCE_EXHAUSTED|CompileTimeHbmOom|exceeds available HBM)", re.I)
@@ -183,7 +276,7 @@ _NEEDED = re.compile(r"required for HLO temporaries \((\d+(?:\.\d+)?)([GMK])\)")
 def measure(spec: StepSpec, target: Target, devices: list[Any]) -> StepMemory:
     """Compile ``spec`` for ``target``: per-chip memory, or the out-of-memory figure."""
     out = StepMemory(target.name, spec.mesh, spec.micro_batch, spec.grad_accum, spec.seq, spec.remat,
-                     spec.dtype, fits=False)
+                     spec.dtype, fits=False, frozen_layout=_frozen_layout(spec, target.platform))
     t0 = time.perf_counter()
     try:
         compiled = compile_step(spec, devices)
@@ -210,7 +303,7 @@ def measure(spec: StepSpec, target: Target, devices: list[Any]) -> StepMemory:
 def spec_from_config(cfg, target: Target, *, keep_dtype: bool = False) -> StepSpec:
     from qlora_jax.checkpoints.load import model_config_for
     from qlora_jax.models import QuantConfig
-    from qlora_jax.train.config import lora_config_from
+    from qlora_jax.train.config import PREFERENCE_OBJECTIVES, lora_config_from
 
     hf = model_config_for(cfg.model.source)
     lora = lora_config_from(cfg) if cfg.lora.r > 0 else None
@@ -225,7 +318,7 @@ def spec_from_config(cfg, target: Target, *, keep_dtype: bool = False) -> StepSp
     o = cfg.optim
     optimizer = dict(lr=o.lr, warmup_ratio=o.warmup_ratio, schedule=o.schedule, weight_decay=o.weight_decay,
                      max_grad_norm=o.max_grad_norm, b1=o.b1, b2=o.b2, eps=o.eps)
-    rows = cfg.train.batch_size * (2 if cfg.get("objective", "sft") == "dpo" else 1)
+    rows = cfg.train.batch_size * (2 if cfg.get("objective", "sft") in PREFERENCE_OBJECTIVES else 1)  # pairs
     return StepSpec(hf_config=hf, lora=lora, quant=quant, dtype=dtype, param_dtype=param_dtype,
                     remat=cfg.model.remat, micro_batch=rows, grad_accum=cfg.train.grad_accum,
                     seq=cfg.data.max_length, mesh=(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor),
@@ -302,7 +395,7 @@ def _gib(n: int) -> str:
 def _line(m: StepMemory, target: Target) -> str:
     d, f, t = m.mesh
     head = (f"  mesh ({d},{f},{t}) micro-batch {m.micro_batch} x {m.seq} (x{m.grad_accum} accum), "
-            f"remat {m.remat}, {m.dtype}: ")
+            f"remat {m.remat}, {m.dtype}, frozen layout {m.frozen_layout}: ")
     if m.temporaries == 0 and m.arguments == 0:
         need = f"needs {_gib(m.required)} of temporaries" if m.required else m.error
         return head + f"DOES NOT FIT ({need}; {target.available_gib:g} GiB usable) [{m.compile_s:.0f} s]"

@@ -27,25 +27,29 @@ from qlora_jax.models.config import REMAT_POLICIES
 from qlora_jax.objectives import grpo as grpo_lib
 from qlora_jax.objectives import rewards as rewards_lib
 from qlora_jax.objectives.dpo import LOSS_TYPES
+from qlora_jax.objectives.preference import CPO_LOSS_TYPES
 
-OBJECTIVES = ("sft", "dpo", "grpo")
+OBJECTIVES = ("sft", "dpo", "orpo", "cpo", "grpo")
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "cpo")  # pair data, chosen and rejected rows in one batch
 CHOICES = {
     "objective": OBJECTIVES,
     "dpo.loss_type": LOSS_TYPES,
+    "cpo.loss_type": CPO_LOSS_TYPES,
     "dpo.reference": ("auto", "base", "init"),
     "model.quantize": ("nf4", "fp4", "none"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": REMAT_POLICIES,
     "lora.init": ("gaussian", "peft"),
+    "lora.use_dora": (False, True),
     "data.format": ("auto", "alpaca", "chat", "prompt_completion"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
-POSITIVE = ("dpo.beta", "lora.r", "train.batch_size", "train.grad_accum", "data.max_length", "train.checkpoint_every",
-            "train.keep_checkpoints", "train.log_every", "model.blocksize")
+POSITIVE = ("dpo.beta", "orpo.beta", "cpo.beta", "lora.r", "train.batch_size", "train.grad_accum", "data.max_length",
+            "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "model.blocksize")
 FRACTIONS = ("lora.dropout", "optim.warmup_ratio")
 NON_NEGATIVE = ("optim.lr", "optim.weight_decay", "optim.max_grad_norm", "optim.loraplus_lr_ratio", "lora.init_std",
-                "train.epochs", "train.early_stopping_patience")
+                "train.epochs", "train.early_stopping_patience", "cpo.cpo_alpha", "cpo.simpo_gamma")
 
 
 class ConfigError(UserError):
@@ -93,30 +97,39 @@ def validate_config(cfg: ConfigDict) -> None:
 
 
 def _objective_errors(cfg: ConfigDict) -> list[str]:
-    """Settings that only make sense for one objective, and DPO's own ranges."""
+    """Settings that only make sense for some objectives, and the preference objectives' own ranges."""
     errors = []
     objective = _get(cfg, "objective") or "sft"
     patience = _get(cfg, "train.early_stopping_patience") or 0
-    if objective != "dpo":
+    if objective not in PREFERENCE_OBJECTIVES:
         if patience:
             errors.append("config.train.early_stopping_patience: early stopping (on held-out reward accuracy) "
-                          "is implemented for objective='dpo' only")
+                          "is implemented for objective='dpo', 'orpo' or 'cpo' only")
         return errors
-    if _get(cfg, "dpo.beta") is None:
-        errors.append("config.objective='dpo' needs a config.dpo section (beta, loss_type, label_smoothing, reference)")
+    if _get(cfg, f"{objective}.beta") is None:
+        keys = {"dpo": "beta, loss_type, label_smoothing, reference", "orpo": "beta",
+                "cpo": "beta, loss_type, cpo_alpha, simpo_gamma, label_smoothing, alpha"}[objective]
+        errors.append(f"config.objective={objective!r} needs a config.{objective} section ({keys})")
         return errors
-    loss_type, eps = _get(cfg, "dpo.loss_type"), _get(cfg, "dpo.label_smoothing") or 0.0
-    if not 0 <= eps < 0.5:
-        errors.append(f"config.dpo.label_smoothing={eps!r}: must be in [0, 0.5)")
-    elif eps and loss_type != "robust":
-        errors.append(f"config.dpo.label_smoothing={eps!r} has no effect with loss_type={loss_type!r} "
-                      "(trl 1.16 uses it for 'robust' only); use loss_type='robust' or set it to 0")
-    if _get(cfg, "dpo.reference") == "init" and not _get(cfg, "model.init_from"):
-        errors.append("config.dpo.reference='init' needs config.model.init_from (the adapters to freeze)")
+    if objective in ("dpo", "cpo"):
+        loss_type, eps = _get(cfg, f"{objective}.loss_type"), _get(cfg, f"{objective}.label_smoothing") or 0.0
+        smoothed = ("robust",) if objective == "dpo" else ("sigmoid", "simpo")
+        if not 0 <= eps < 0.5:
+            errors.append(f"config.{objective}.label_smoothing={eps!r}: must be in [0, 0.5)")
+        elif eps and loss_type not in smoothed:
+            errors.append(f"config.{objective}.label_smoothing={eps!r} has no effect with loss_type={loss_type!r} "
+                          f"(trl 1.16 uses it for {' and '.join(map(repr, smoothed))} only); "
+                          f"use loss_type={smoothed[0]!r} or set it to 0")
+    if objective == "dpo":
+        if _get(cfg, "dpo.reference") == "init" and not _get(cfg, "model.init_from"):
+            errors.append("config.dpo.reference='init' needs config.model.init_from (the adapters to freeze)")
+        if _get(cfg, "data.train_on_prompt"):
+            errors.append("config.data.train_on_prompt: has no effect with objective='dpo' (it puts the prompt "
+                          "into the NLL term of 'orpo' and 'cpo')")
     if _get(cfg, "data.pack"):
-        errors.append("config.data.pack: packing is not supported with objective='dpo' (one sequence per row)")
+        errors.append(f"config.data.pack: packing is not supported with objective={objective!r} (one sequence per row)")
     if (_get(cfg, "data.format") or "auto") != "auto":
-        errors.append("config.data.format: must be 'auto' with objective='dpo' (pairs are read from "
+        errors.append(f"config.data.format: must be 'auto' with objective={objective!r} (pairs are read from "
                       "prompt/chosen/rejected or chosen/rejected columns)")
     if patience and not (_get(cfg, "train.eval_every") and _get(cfg, "data.eval")):
         errors.append("config.train.early_stopping_patience > 0 needs config.train.eval_every > 0 and "
@@ -227,7 +240,7 @@ def lora_config_from(cfg: ConfigDict) -> LoraConfig:
         targets = tuple(t) if isinstance(t, (list, tuple)) else t
     return LoraConfig(r=cfg.lora.r, alpha=float(cfg.lora.alpha), dropout=float(cfg.lora.dropout),
                       targets=targets, init=cfg.lora.init, init_std=float(cfg.lora.init_std),
-                      use_rslora=bool(cfg.lora.rslora))
+                      use_rslora=bool(cfg.lora.rslora), use_dora=bool(cfg.lora.get("use_dora", False)))
 
 
 def _section(cls: type, node: ConfigDict | None, **converted: Any) -> Any:
@@ -306,6 +319,21 @@ class DPOSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class ORPOSection:
+    beta: float = 0.1  # lambda of the odds-ratio term (trl ORPOConfig.beta)
+
+
+@dataclasses.dataclass(frozen=True)
+class CPOSection:  # trl CPOConfig's fields; SimPO: loss_type="simpo", cpo_alpha=0
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    cpo_alpha: float = 1.0
+    simpo_gamma: float = 0.5
+    label_smoothing: float = 0.0
+    alpha: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class GRPOSection:
     num_generations: int = 8
     reward_funcs: str = "format,exact_match"
@@ -347,6 +375,8 @@ class RunConfig:
     train: TrainSection
     mesh: tuple[int, int, int]  # (data, fsdp, tensor); one may be -1
     dpo: DPOSection | None = None
+    orpo: ORPOSection | None = None
+    cpo: CPOSection | None = None
     grpo: GRPOSection | None = None
 
     @classmethod
@@ -358,6 +388,8 @@ class RunConfig:
         fmt = cfg.data.get("format", "auto")
         data = _section(DataSection, cfg.data, format=None if fmt == "auto" else fmt)
         dpo = _section(DPOSection, cfg.dpo) if objective == "dpo" else None
+        orpo = _section(ORPOSection, cfg.orpo) if objective == "orpo" else None
+        cpo = _section(CPOSection, cfg.cpo) if objective == "cpo" else None
         grpo = None
         if objective == "grpo":
             fns, weights = reward_functions(cfg)
@@ -366,7 +398,8 @@ class RunConfig:
         return cls(workdir=Path(cfg.workdir).absolute(), seed=int(cfg.seed), objective=objective, model=model,
                    lora=lora_config_from(cfg), data=data, optim=_section(OptimSection, cfg.optim),
                    train=_section(TrainSection, cfg.train),
-                   mesh=(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor)), dpo=dpo, grpo=grpo)
+                   mesh=(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor)), dpo=dpo, orpo=orpo, cpo=cpo,
+                   grpo=grpo)
 
     def lora_record(self) -> dict[str, Any]:
         return lora_record(self.lora, self.model)
@@ -382,9 +415,10 @@ def model_section(cfg: ConfigDict) -> ModelSection:
 def lora_record(lora: LoraConfig, model: ModelSection) -> dict[str, Any]:
     """What a checkpoint records of the adapters and the base they were trained on."""
     return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "targets": lora.targets,
-            "init": lora.init, "use_rslora": lora.use_rslora, "model_source": model.source,
-            "quantize": model.quantize or "none", "blocksize": model.blocksize, "double_quant": model.double_quant}
+            "init": lora.init, "use_rslora": lora.use_rslora, "use_dora": lora.use_dora,
+            "model_source": model.source, "quantize": model.quantize or "none", "blocksize": model.blocksize,
+            "double_quant": model.double_quant}
 
 
-__all__ = ["ConfigError", "RunConfig", "check_inputs", "lora_config_from", "lora_record", "model_section",
-           "reward_functions", "validate_config"]
+__all__ = ["OBJECTIVES", "PREFERENCE_OBJECTIVES", "ConfigError", "RunConfig", "check_inputs", "lora_config_from",
+           "lora_record", "model_section", "reward_functions", "validate_config"]

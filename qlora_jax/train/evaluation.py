@@ -1,6 +1,6 @@
-"""Held-out evaluation during training: SFT loss and exact match, DPO preference metrics, and
-early stopping on a held-out metric. Each evaluator compiles its forward once and is called with
-the current adapters."""
+"""Held-out evaluation during training: SFT loss and exact match, preference metrics (DPO; ORPO and
+CPO without a reference), and early stopping on a held-out metric. Each evaluator compiles its
+forward once and is called with the current adapters."""
 
 from __future__ import annotations
 
@@ -92,6 +92,35 @@ class PreferenceEvaluator:
                 "rewards_chosen": m["rewards_chosen"], "rewards_rejected": m["rewards_rejected"],
                 "reward_margin": m["reward_margin"], "logp_accuracy": float(np.mean(p[:, 0] > p[:, 1])),
                 "examples": int(live.sum())}
+
+
+class ReferenceFreeEvaluator:
+    """Held-out metrics of a reference-free pair objective (ORPO, CPO/SimPO): its loss and trl's
+    statistics, over fixed batches of ``batch_size`` pairs (the NLL term is a mean per batch, as
+    in training); ``logp_accuracy`` as for DPO (summed log p(chosen) > log p(rejected))."""
+
+    def __init__(self, graphdef, mesh, pairs: list[TokenizedPair], objective, *, batch_size: int, seq_len: int,
+                 pad_id: int, pad_to_multiple_of: int = 64):
+        self.objective = objective
+        by_length = sorted(pairs, key=len)
+        it = PreferenceBatchIterator(by_length, batch_size=batch_size, seq_len=seq_len, shuffle=False,
+                                     num_epochs=1, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+        self.batches = list(it)
+        self._fn = jax.jit(lambda lora, rest, batch: objective.sums(graphdef, lora, rest, batch),
+                           out_shardings=shard_lib.replicated(mesh))
+
+    def __call__(self, lora, rest, ref_lora=None) -> dict[str, float]:
+        loss, totals = 0.0, dict.fromkeys(self.objective.stat_keys, 0.0)
+        for b in self.batches:
+            s, stats = self._fn(lora, rest, b)
+            loss += float(s)
+            for k in totals:
+                totals[k] += float(stats[k])
+        pairs = max(totals["pairs"], 1.0)
+        m = self.objective.step_metrics(totals)
+        del m["pairs"]
+        return {"loss": loss / pairs, **m, "logp_accuracy": totals["logp_correct"] / pairs,
+                "examples": int(totals["pairs"])}
 
 
 @dataclasses.dataclass

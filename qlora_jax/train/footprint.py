@@ -15,7 +15,7 @@ from qlora_jax.lora import LoraConfig
 from qlora_jax.models import ModelConfig
 from qlora_jax.models.params import count_params
 from qlora_jax.quant import NESTED_BLOCKSIZE
-from qlora_jax.train.config import lora_config_from
+from qlora_jax.train.config import PREFERENCE_OBJECTIVES, lora_config_from
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -81,7 +81,8 @@ def report(cfg) -> str:
     lora = lora_config_from(cfg) if cfg.lora.r > 0 else None
     counts = count_params(config, lora)
     quant = cfg.model.quantize != "none"
-    rows = cfg.train.batch_size * (2 if cfg.get("objective", "sft") == "dpo" else 1)  # DPO: chosen + rejected
+    pairs = cfg.get("objective", "sft") in PREFERENCE_OBJECTIVES
+    rows = cfg.train.batch_size * (2 if pairs else 1)  # DPO, ORPO, CPO: chosen + rejected
     mem = estimate_memory(config, lora, batch=rows, seq=cfg.data.max_length,
                           compute_dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                           blocksize=cfg.model.blocksize, double_quant=cfg.model.double_quant,

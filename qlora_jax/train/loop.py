@@ -28,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental.layout import Format, Layout
 
 from qlora_jax.errors import UserError
 from qlora_jax.lora import split_model
+from qlora_jax.models.layers import activation_sharding
 from qlora_jax.objectives.base import Objective
 from qlora_jax.objectives.sft import SFT
 from qlora_jax.train import sharding as shard_lib
@@ -54,6 +56,19 @@ class StepFns:
     batch_sharding: Any
 
 
+def frozen_layout_for(platform: str, mesh_shape: tuple[int, int, int]) -> str:
+    """The frozen state's layout the trainer compiles with: "auto" on TPU when the base is
+    replicated (data parallel only), else "default".
+
+    Measured for LLaMA-3.1-8B, r=32, seq 2048, one sequence per v5e chip, remat full
+    (docs/tpu_findings.md section 6): mesh (8,1,1) 12.24 GiB per chip default -> 8.89 auto (no
+    relayout copy of the stacked NF4 codes); mesh (1,8,1) 5.58 default -> 6.74 auto (the chosen
+    layouts' tile padding of the sharded codes and absmax costs more than the copy it saves).
+    """
+    _, fsdp, tensor = mesh_shape
+    return "auto" if platform == "tpu" and fsdp == 1 and tensor == 1 else "default"
+
+
 def make_step_fns(
     model: nnx.Module,
     tx: optax.GradientTransformation,
@@ -62,6 +77,8 @@ def make_step_fns(
     offload_optimizer: bool = False,
     objective: Objective = SFT,
     abstract: bool = False,
+    frozen_layout: str = "default",
+    example_batch: tuple[int, int] | None = None,
 ) -> tuple[StepFns, Any, Any, Any]:
     """Build the jit'd train step with explicit shardings.
 
@@ -69,6 +86,14 @@ def make_step_fns(
     ``train_step(lora, opt_state, rest, batches, key)`` (plus ``ref_lora`` when
     ``objective.frozen_adapters``) -> (lora, opt_state, metrics); metrics are ``loss`` (summed loss
     / summed weight), ``grad_norm``, ``finite`` and the objective's summed statistics.
+
+    ``frozen_layout="auto"`` (TPU, see :func:`frozen_layout_for`): XLA chooses the in-memory layout of the frozen state
+    (``Layout.AUTO``) so the NF4 codes arrive in the layout the decode-matmul fusions read, instead
+    of a relayout copy of the whole stacked base per step (3.35 GiB per chip at 8B,
+    docs/tpu_findings.md section 6). Abstract: the jit takes AUTO (for ``.lower().compile()``).
+    Concrete: one ahead-of-time compile of the SFT step for ``example_batch`` = (rows, length) picks
+    the layouts (they are the decode-matmul's, whatever the objective); the frozen state is moved
+    into them and the step is jit'd with those fixed layouts (any batch shape keeps them).
     """
     graphdef, lora_state, rest = split_model(model)
     lora_sh = shard_lib.shardings_for_state(mesh, lora_state)
@@ -93,6 +118,10 @@ def make_step_fns(
     batch_sh = shard_lib.batch_sharding(mesh, 3, leading_unsharded=1)
 
     def train_step(lora, opt_state, rest, batches, key, ref_lora=None):
+        with activation_sharding(mesh):  # activations' batch over (data, fsdp): true FSDP
+            return _train_step(lora, opt_state, rest, batches, key, ref_lora)
+
+    def _train_step(lora, opt_state, rest, batches, key, ref_lora=None):
         n_micro = batches["input_ids"].shape[0]
         keys = jax.random.split(key, n_micro)
 
@@ -127,20 +156,37 @@ def make_step_fns(
         metrics = {"loss": loss, "grad_norm": grad_norm, **stats, "finite": finite}
         return new_lora, new_opt, metrics
 
-    in_shardings = (lora_sh, opt_sh_host, rest_sh, batch_sh, repl)
     if objective.frozen_adapters:
-        in_shardings += (lora_sh,)
         step_fn = train_step
     else:
         def step_fn(lora, opt_state, rest, batches, key):
             return train_step(lora, opt_state, rest, batches, key)
 
-    train_jit = jax.jit(
-        step_fn,
-        in_shardings=in_shardings,
-        out_shardings=(lora_sh, opt_sh_host, repl),
-        donate_argnums=(0, 1),
-    )
+    def jit_with(rest_in):
+        in_shardings = (lora_sh, opt_sh_host, rest_in, batch_sh, repl)
+        if objective.frozen_adapters:
+            in_shardings += (lora_sh,)
+        return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(lora_sh, opt_sh_host, repl),
+                       donate_argnums=(0, 1))
+
+    if frozen_layout == "default":
+        train_jit = jit_with(rest_sh)
+    elif frozen_layout == "auto":
+        auto = jax.tree.map(lambda s: Format(Layout.AUTO, s), rest_sh)
+        train_jit = jit_with(auto)
+        if not abstract:
+            if example_batch is None:
+                raise ValueError('frozen_layout="auto" on concrete state needs example_batch')
+            probe, p_lora, p_rest, p_opt = make_step_fns(model, tx, mesh, offload_optimizer=offload_optimizer,
+                                                         abstract=True, frozen_layout="auto")
+            batch = {k: jax.ShapeDtypeStruct((1, *example_batch), jnp.int32, sharding=batch_sh)
+                     for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
+            key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
+            formats = probe.train_step.lower(p_lora, p_opt, p_rest, batch, key).compile().input_formats[0][2]
+            rest = jax.device_put(rest, formats, donate=True)
+            train_jit = jit_with(formats)
+    else:
+        raise ValueError(f"frozen_layout must be 'default' or 'auto', got {frozen_layout!r}")
 
     fns = StepFns(graphdef, train_jit, lora_sh, rest_sh, opt_sh_host, batch_sh)
     return fns, lora_state, rest, opt_state

@@ -7,6 +7,7 @@ the steps then cosine decay to 0 — the schedule transformers' Trainer calls
 LoRA+ (Hayou et al. 2024; peft's ``create_loraplus_optimizer``): with ``loraplus_lr_ratio > 0``
 the ``lora_b`` matrices get their own AdamW with the learning rate (and so the decoupled decay)
 scaled by the ratio, the ``lora_a`` matrices the plain one; clipping stays global over both.
+DoRA's magnitudes go with ``lora_b``, as peft puts every 1-D adapter parameter in that group.
 """
 
 from __future__ import annotations
@@ -79,9 +80,14 @@ def make_optimizer(
     return optax.chain(*parts), sched
 
 
+LORAPLUS_B_LEAVES = ("lora_b", "lora_magnitude")  # peft: "lora_B" in name or a 1-D parameter
+
+
 def lora_groups(params):
-    """"b" for every ``lora_b`` leaf of an adapter tree, "a" for the rest (LoRA+'s groups)."""
+    """"b" for every ``lora_b`` (and DoRA ``lora_magnitude``) leaf of an adapter tree, "a" for the
+    rest (LoRA+'s groups)."""
     def group(path, _):
-        return "b" if any(str(getattr(k, "key", getattr(k, "name", k))) == "lora_b" for k in path) else "a"
+        names = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
+        return "b" if names & set(LORAPLUS_B_LEAVES) else "a"
 
     return jax.tree_util.tree_map_with_path(group, params)

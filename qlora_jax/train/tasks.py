@@ -1,11 +1,12 @@
 """What the one trainer (``train/trainer.py``) drives: an objective with its batch source and its
-held-out evaluation, one class per objective.
+held-out evaluation: SFT, the preference pairs (DPO with its reference; ORPO and CPO/SimPO
+without one), GRPO.
 
 A task owns
 
 * ``objective``: the loss the jit'd step differentiates (``qlora_jax/objectives/``);
-* a batch source: ``next_batch(step, lora, ref_lora)`` -> :class:`StepBatch` (SFT and DPO read a
-  resumable iterator over tokenized data and may be fetched one step ahead; GRPO samples
+* a batch source: ``next_batch(step, lora, ref_lora)`` -> :class:`StepBatch` (SFT and the pair
+  objectives read a resumable iterator over tokenized data and may be fetched one step ahead; GRPO samples
   rollouts from the current adapters, so it is fetched when its step comes);
 * ``evaluate(lora, ref_lora, step)`` on held-out data, and what the run reports about it;
 * its part of a checkpoint's ``meta`` (data position, early-stopping state) and of the summary.
@@ -37,11 +38,17 @@ from qlora_jax.objectives import grpo as grpo_lib
 from qlora_jax.objectives import rewards as rewards_lib
 from qlora_jax.objectives.dpo import DPOObjective, step_metrics
 from qlora_jax.objectives.grpo import GRPOObjective
+from qlora_jax.objectives.preference import CPOObjective, ORPOObjective
 from qlora_jax.objectives.sft import SFT
 from qlora_jax.train import loop
 from qlora_jax.train import rollout as rollout_lib
 from qlora_jax.train.config import ConfigError, RunConfig
-from qlora_jax.train.evaluation import EarlyStopping, PreferenceEvaluator, SFTEvaluator
+from qlora_jax.train.evaluation import (
+    EarlyStopping,
+    PreferenceEvaluator,
+    ReferenceFreeEvaluator,
+    SFTEvaluator,
+)
 from qlora_jax.train.metrics import plot_series
 
 log = logging.getLogger("qlora_jax.train")
@@ -166,15 +173,16 @@ class SFTTask(Task):
         return lines
 
 
-class DPOTask(SFTTask):
+class PairTask(SFTTask):
     """Preference pairs (chosen/rejected rows interleaved); held-out reward accuracy, best adapter,
-    optional early stopping. ``batch_size`` counts pairs."""
+    optional early stopping. ``batch_size`` counts pairs. Shared by DPO and the reference-free
+    objectives (ORPO, CPO/SimPO); a subclass gives the objective and its evaluator."""
 
-    name = "dpo"
-    loss_label = "DPO loss per pair"
+    loss_name = "DPO"  # in the end-of-run lines
+    reward_what = "beta*logratio"  # what a reward is, in the end-of-run lines
 
     def __init__(self, rc: RunConfig, tokenizer: Any, pad_id: int):
-        d, o = rc.data, rc.dpo
+        d = rc.data
         train, stats = prepare_preference(d.train, tokenizer, max_length=d.max_length, overflow=d.overflow,
                                           text_as_chat=d.text_as_chat)
         self.eval_ex = []
@@ -188,26 +196,19 @@ class DPOTask(SFTTask):
         self.rc, self.pad_id = rc, pad_id
         self.data_counts = {"train_examples": stats.kept, "truncated": stats.truncated,
                             "dropped": stats.dropped_too_long + stats.dropped_no_completion}
-        frozen = o.reference == "init" or (o.reference == "auto" and bool(rc.model.init_from))
-        self.objective = DPOObjective(beta=float(o.beta), loss_type=o.loss_type,
-                                      label_smoothing=float(o.label_smoothing), frozen_adapters=frozen)
+        self.objective = self.make_objective(rc)
         self.stopper = EarlyStopping(patience=rc.train.early_stopping_patience)
+
+    def make_objective(self, rc: RunConfig) -> Any:
+        raise NotImplementedError
+
+    def metrics(self, m: dict[str, Any]) -> dict[str, float]:
+        """Per-pair means of summed statistics (a step's or an evaluation's)."""
+        raise NotImplementedError
 
     @property
     def stopped(self) -> bool:
         return self.stopper.stopped
-
-    def summary(self):
-        o = self.objective
-        return {**super().summary(), "objective": "dpo",
-                "dpo": {"beta": o.beta, "loss_type": o.loss_type, "label_smoothing": o.label_smoothing},
-                "reference": "frozen starting adapters" if o.frozen_adapters else "adapters off"}
-
-    def bind(self, graphdef, mesh, rest):
-        self.rest = rest
-        self.evaluator = PreferenceEvaluator(graphdef, mesh, self.eval_ex, self.objective,
-                                             batch_size=self.rc.train.batch_size, seq_len=self.rc.data.max_length,
-                                             pad_id=self.pad_id, pad_to_multiple_of=self.rc.data.pad_to_multiple_of)
 
     def restore(self, meta, step):
         self.it.restore(meta["data"])
@@ -217,7 +218,7 @@ class DPOTask(SFTTask):
         return {"early_stopping": self.stopper.state()}
 
     def step_row(self, m, batch, seconds):
-        return {**super().step_row(m, batch, seconds), **step_metrics(m)}
+        return {**super().step_row(m, batch, seconds), **self.metrics(m)}
 
     def evaluate(self, lora, ref_lora, step):
         t0 = time.perf_counter()
@@ -249,13 +250,78 @@ class DPOTask(SFTTask):
             lines.append(f"early stopped  at step {r['early_stopped_at']} (no better held-out reward accuracy)")
         if "eval_after" in r and r.get("eval_before"):
             b, a = r["eval_before"], r["eval_after"]
-            lines.append(f"DPO eval loss  {b['loss']:.4f} -> {a['loss']:.4f}")
+            lines.append(f"{self.loss_name + ' eval loss':<14} {b['loss']:.4f} -> {a['loss']:.4f}")
             lines.append(f"reward acc.    {100 * b['reward_accuracy']:.1f}% -> {100 * a['reward_accuracy']:.1f}% "
-                         f"of {a['examples']} held-out pairs (beta*logratio chosen > rejected)")
+                         f"of {a['examples']} held-out pairs ({self.reward_what} chosen > rejected)")
             lines.append(f"log-prob acc.  {100 * b['logp_accuracy']:.1f}% -> {100 * a['logp_accuracy']:.1f}% "
                          "(policy log p(chosen) > log p(rejected))")
             lines.append(f"reward margin  {b['reward_margin']:.3f} -> {a['reward_margin']:.3f}")
+            if "nll_loss" in a:
+                lines.append(f"chosen NLL     {b['nll_loss']:.4f} -> {a['nll_loss']:.4f} (per token)")
         return lines
+
+
+class DPOTask(PairTask):
+    """DPO: a reference policy (adapters off, or frozen starting adapters) beside the trained one."""
+
+    name = "dpo"
+    loss_label = "DPO loss per pair"
+
+    def make_objective(self, rc):
+        o = rc.dpo
+        frozen = o.reference == "init" or (o.reference == "auto" and bool(rc.model.init_from))
+        return DPOObjective(beta=float(o.beta), loss_type=o.loss_type, label_smoothing=float(o.label_smoothing),
+                            frozen_adapters=frozen)
+
+    def metrics(self, m):
+        return step_metrics(m)
+
+    def summary(self):
+        o = self.objective
+        return {**super().summary(), "objective": "dpo",
+                "dpo": {"beta": o.beta, "loss_type": o.loss_type, "label_smoothing": o.label_smoothing},
+                "reference": "frozen starting adapters" if o.frozen_adapters else "adapters off"}
+
+    def bind(self, graphdef, mesh, rest):
+        self.rest = rest
+        self.evaluator = PreferenceEvaluator(graphdef, mesh, self.eval_ex, self.objective,
+                                             batch_size=self.rc.train.batch_size, seq_len=self.rc.data.max_length,
+                                             pad_id=self.pad_id, pad_to_multiple_of=self.rc.data.pad_to_multiple_of)
+
+
+class ReferenceFreeTask(PairTask):
+    """ORPO and CPO / SimPO (``objectives/preference.py``): no reference policy, one forward per step."""
+
+    def make_objective(self, rc):
+        self.name = rc.objective
+        nll_on_prompt = bool(rc.data.train_on_prompt)
+        if rc.objective == "orpo":
+            self.loss_name, self.reward_what = "ORPO", "beta*avg log p"
+            self.loss_label = "ORPO loss per pair (chosen NLL + odds-ratio term)"
+            return ORPOObjective(beta=float(rc.orpo.beta), nll_on_prompt=nll_on_prompt)
+        c = rc.cpo
+        simpo = c.loss_type == "simpo" and not c.cpo_alpha
+        self.loss_name = "SimPO" if simpo else "CPO"
+        self.reward_what = "beta*" + ("avg log p" if c.loss_type in ("ipo", "simpo") else "log p")
+        if c.alpha:
+            self.reward_what += " (AlphaPO-shaped)"
+        self.loss_label = f"{self.loss_name} loss per pair" + ("" if simpo else f" ({c.loss_type})")
+        return CPOObjective(beta=float(c.beta), loss_type=c.loss_type, label_smoothing=float(c.label_smoothing),
+                            simpo_gamma=float(c.simpo_gamma), cpo_alpha=float(c.cpo_alpha), alpha=float(c.alpha),
+                            nll_on_prompt=nll_on_prompt)
+
+    def metrics(self, m):
+        return self.objective.step_metrics(m)
+
+    def summary(self):
+        section = {f.name: getattr(self.objective, f.name) for f in dataclasses.fields(self.objective)}
+        return {**super().summary(), "objective": self.name, self.name: section, "reference": "none"}
+
+    def bind(self, graphdef, mesh, rest):
+        self.rest = rest
+        self.evaluator = ReferenceFreeEvaluator(graphdef, mesh, self.eval_ex, self.objective,
+                                                batch_size=self.rc.train.batch_size, seq_len=self.rc.data.max_length,
+                                                pad_id=self.pad_id, pad_to_multiple_of=self.rc.data.pad_to_multiple_of)
 
 
 class GRPOTask(Task):
@@ -440,7 +506,8 @@ def plot_rewards(workdir: Path, names: list[str]) -> Path | None:
 
 
 def make_task(rc: RunConfig, tokenizer: Any, pad_id: int) -> Task:
-    return {"sft": SFTTask, "dpo": DPOTask, "grpo": GRPOTask}[rc.objective](rc, tokenizer, pad_id)
+    tasks = {"sft": SFTTask, "dpo": DPOTask, "orpo": ReferenceFreeTask, "cpo": ReferenceFreeTask, "grpo": GRPOTask}
+    return tasks[rc.objective](rc, tokenizer, pad_id)
 
 
-__all__ = ["DPOTask", "GRPOTask", "SFTTask", "StepBatch", "Task", "eval_row", "make_task", "plot_rewards"]
+__all__ = ["DPOTask", "GRPOTask", "PairTask", "ReferenceFreeTask", "SFTTask", "StepBatch", "Task", "eval_row", "make_task", "plot_rewards"]

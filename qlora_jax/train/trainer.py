@@ -1,6 +1,7 @@
 """The one training run: ``run(config)`` is what ``python -m qlora_jax.train --config ...`` calls.
 
-Whatever the objective (``config.objective``: "sft", "dpo" or "grpo"; ``train/tasks.py``), a run
+Whatever the objective (``config.objective``: "sft", "dpo", "orpo", "cpo" or "grpo";
+``train/tasks.py``), a run
 is the same sequence, written once here:
 
 1. check the config (``train/config.py``, every bad key in one message) and the inputs; a run
@@ -91,8 +92,10 @@ def _train_logged(rc: RunConfig) -> dict[str, Any]:
     tx, schedule = make_optimizer(lr=o.lr, total_steps=total_steps, warmup_ratio=o.warmup_ratio,
                                   schedule=o.schedule, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
                                   b1=o.b1, b2=o.b2, eps=o.eps, loraplus_lr_ratio=o.loraplus_lr_ratio)
+    layout = loop.frozen_layout_for(jax.default_backend(), mesh.devices.shape)  # "auto": TPU, data parallel
     fns, lora_state, rest, opt_state = loop.make_step_fns(model, tx, mesh, offload_optimizer=o.offload,
-                                                          objective=task.objective)
+                                                          objective=task.objective, frozen_layout=layout,
+                                                          example_batch=(rc.train.batch_size, rc.data.max_length))
     del model
     task.bind(fns.graphdef, mesh, rest)
     frozen_ref = task.objective.frozen_adapters
@@ -111,6 +114,7 @@ def _train_logged(rc: RunConfig) -> dict[str, Any]:
     else:
         meta = ckpts.read_meta(latest)
         run_dir.check_lora_record(meta.get("lora", {}), record, f"{ckpts.directory / str(latest)}")
+        _check_optimizer_groups(meta, rc.optim.loraplus_lr_ratio, ckpts.directory / str(latest))
         abstract_train = {"opt_state": run_dir.abstract_like(opt_state),
                           "rng": jax.ShapeDtypeStruct(base_key.shape, base_key.dtype, sharding=repl)}
         if frozen_ref:
@@ -222,7 +226,8 @@ def _train_logged(rc: RunConfig) -> dict[str, Any]:
                     if frozen_ref:
                         train_state["ref_lora"] = ref_lora
                     ckpts.save(step, lora_state, train_state,
-                               {"step": step, **batch.meta, **task.checkpoint_meta(), "lora": record})
+                               {"step": step, **batch.meta, **task.checkpoint_meta(), "lora": record,
+                                "loraplus_lr_ratio": rc.optim.loraplus_lr_ratio})
                 if bar is not None:
                     bar.set_postfix(**task.postfix(row))
                     bar.update(1)
@@ -269,6 +274,17 @@ def _save_adapter(fns, lora_state, rest, out: Path, rc: RunConfig, eval_metrics:
     save_peft_adapter(merged, out, base_model=rc.model.source)
     if eval_metrics is not None and jax.process_index() == 0:
         (out / "eval_metrics.json").write_text(json.dumps(eval_metrics, indent=2))
+
+
+def _check_optimizer_groups(meta: dict, ratio: float, where: Path) -> None:
+    """LoRA+ gives B its own AdamW group: its optimizer state is another tree, which cannot be
+    restored into the other layout. (A different nonzero ratio is a learning-rate change: allowed.)"""
+    saved = float(meta.get("loraplus_lr_ratio", 0.0) or 0.0)  # checkpoints from before LoRA+: one group
+    if (saved > 0) != (ratio > 0):
+        raise run_dir.CheckpointMismatch(
+            f"{where}: optim.loraplus_lr_ratio: checkpoint has {saved:g}, config has {ratio:g} (LoRA+ on/off "
+            "changes the optimizer state's layout); resume with the checkpoint's setting, or start a new run: "
+            "--config.workdir=<new dir>")
 
 
 def _drop_records_after(workdir: Path, step: int) -> None:

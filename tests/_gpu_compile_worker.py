@@ -1,0 +1,92 @@
+"""Run by tests/test_gpu_compile.py inside .venv-cuda (the jax CUDA plugin installed): compile the tiny
+model's training step for 4 NVIDIA H100s (a compile-only CUDA topology from
+qlora_jax/train/gpu_specs/h100_sxm.txtpb: no GPU, driver or CUDA library) and print one JSON line with
+the per-GPU memory figures and what the optimized HLO holds.
+
+    JAX_PLATFORMS=cpu .venv-cuda/bin/python tests/_gpu_compile_worker.py MESH
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from _tpu_compile_worker import PER_CHIP, SEQ, TINY, non_fused_shapes  # noqa: E402
+
+GPUS = 4
+
+
+def main() -> None:
+    mesh_arg = sys.argv[1] if len(sys.argv) > 1 else f"{GPUS},1,1"
+    import dataclasses
+
+    from qlora_jax.lora import LoraConfig
+    from qlora_jax.models import ModelConfig, QuantConfig
+    from qlora_jax.train.aot import TARGETS, StepSpec, compile_step, target_devices
+
+    target = dataclasses.replace(TARGETS["h100x8"], name=f"h100x{GPUS}", topology=f"1x1x{GPUS}", chips=GPUS)
+    devices = target_devices(target)
+    mesh = tuple(int(x) for x in mesh_arg.split(","))
+    spec = StepSpec(hf_config=TINY, lora=LoraConfig(r=8, alpha=16.0, dropout=0.05), quant=QuantConfig(),
+                    dtype="bfloat16", param_dtype="bfloat16", remat="full", micro_batch=PER_CHIP * mesh[0] * mesh[1],
+                    grad_accum=1, seq=SEQ, mesh=mesh,
+                    optimizer=dict(lr=1e-3, warmup_ratio=0.1, schedule="cosine", weight_decay=0.01,
+                                   max_grad_norm=0.3, b1=0.9, b2=0.999, eps=1e-8),
+                    frozen_layout="default")  # as the trainer compiles it off TPU
+    t0 = time.perf_counter()
+    compiled = compile_step(spec, devices)
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    hlo = compiled.as_text()
+    config = ModelConfig.from_hf(TINY)
+    weights, halves = set(), set()
+    for out_f, in_f in config.linear_shapes().values():
+        weights |= {(out_f, in_f), (in_f, out_f)}
+        halves |= {(out_f, in_f // 2), (in_f // 2, out_f)}
+    float_types = {"f32", "bf16", "f16"}
+    shapes = non_fused_shapes(hlo)
+    # A decoded weight is [out, in] (or [in, out]), or a scanned stack of them [layers, out, in].
+    # Other arrays can end in the same two sizes: XLA:GPU keeps bitcasts (views, no allocation) of
+    # the lm_head [vocab, hidden] as [4, 128, 384] (the chunked logits) and of the [seq, hidden]
+    # activations as [8, 128, 384] (a split-K matmul for the LoRA A gradient: 8 chunks of 128
+    # tokens); those are listed in weight_shaped, not asserted on.
+    layers = TINY["num_hidden_layers"]
+    weight_shaped = sorted({f"{t}{list(s)} {op}" for t, s, op in shapes
+                            if t in float_types and len(s) >= 2 and tuple(s[-2:]) in weights})
+    weight_buffers = sorted({f"{t}{list(s)} {op}" for t, s, op in shapes
+                             if t in float_types and len(s) >= 2 and tuple(s[-2:]) in weights
+                             and tuple(s[:-2]) in ((), (layers,))})
+    half_buffers = sorted({f"{t}{list(s)} {op}" for t, s, op in shapes
+                           if t in ("bf16", "f16") and len(s) >= 2 and tuple(s[-2:]) in halves})
+    # Fusions whose whole output is a constant broadcast to a decoded weight half [out, in/2] in
+    # float32: the NF4 code values of quant.nf4.code_values, hoisted out of the layer loop as 16
+    # full-size arrays per shape (at 8B: ~3.8 GiB of the (8,1,1) step's 5.3 GiB of temporaries).
+    level_broadcasts = sorted(
+        f"{t}[{d}]" for t, d in re.findall(r"ROOT %[\w.\-]+ = (f32)\[([\d,]+)\]\S* broadcast\(%constant", hlo)
+        if tuple(int(x) for x in d.split(","))[-2:] in halves)
+    score_buffers = sorted({f"{t}{list(s)} {op}" for t, s, op in shapes
+                            if t in float_types and len(s) >= 3 and s[-1] == SEQ and s[-2] == SEQ})
+    print(json.dumps({
+        "mesh": mesh_arg, "compile_s": round(seconds, 1), "arguments": mem.argument_size_in_bytes,
+        "temporaries": mem.temp_size_in_bytes, "outputs": mem.output_size_in_bytes,
+        "aliased": mem.alias_size_in_bytes,
+        "weight_buffers": weight_buffers, "weight_shaped": weight_shaped, "half_buffers": half_buffers,
+        "score_buffers": score_buffers, "level_broadcasts": level_broadcasts,
+        "n_instructions": len(shapes), "seq": SEQ, "per_chip": PER_CHIP, "gpus": GPUS,
+        "platform": devices[0].platform, "device_kind": devices[0].device_kind,
+    }))
+    if os.environ.get("QLORA_GPU_HLO_DUMP"):
+        with open(os.environ["QLORA_GPU_HLO_DUMP"], "w") as f:
+            f.write(hlo)
+
+
+if __name__ == "__main__":
+    main()

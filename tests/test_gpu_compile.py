@@ -1,0 +1,77 @@
+"""The training step compiled for 4 NVIDIA H100s (a compile-only CUDA topology, no GPU), in the CUDA venv.
+
+The jax CUDA plugin lives in ``.venv-cuda`` (``make .venv-cuda``; docs/gpu_aot.md), not in the test
+venv, so the compile runs there in a subprocess (``tests/_gpu_compile_worker.py``). Without
+``.venv-cuda`` the test is skipped, unless ``QLORA_REQUIRE_GPU_COMPILE`` is set (CI that builds the
+venv), where it fails.
+
+Checked against independent figures: the per-GPU arguments against the storage arithmetic of the
+sharded state (NF4 codes and scales, bf16 embeddings and norms, f32 adapters and two AdamW moments,
+the int32 batch; XLA:GPU pads nothing); temporaries against a bound from the activations; and in
+the optimized HLO, outside fused computations (the buffers XLA allocates), no float decoder weight
+``[out, in]`` (or a scanned stack of them, ``[layers, out, in]``) and no ``[..., seq, seq]``
+attention scores (blockwise causal attention).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _support import compile_in_venv  # noqa: E402
+from _tpu_compile_worker import PER_CHIP, SEQ, TINY  # noqa: E402
+
+
+def _compile(mesh: str) -> dict:
+    return compile_in_venv(".venv-cuda", "_gpu_compile_worker.py", mesh, require_env="QLORA_REQUIRE_GPU_COMPILE",
+                           missing="the jax CUDA plugin is not installed", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1")
+
+
+def _state_bytes() -> int:
+    """Bytes of the step's state (frozen base, adapters, AdamW moments) from the storage arithmetic."""
+    h, inter, L, V = TINY["hidden_size"], TINY["intermediate_size"], TINY["num_hidden_layers"], TINY["vocab_size"]
+    q = TINY["num_attention_heads"] * TINY["head_dim"]
+    kv = TINY["num_key_value_heads"] * TINY["head_dim"]
+    shapes = [(q, h), (kv, h), (kv, h), (h, q), (inter, h), (inter, h), (h, inter)]
+    r = 8
+    # packed codes + 8-bit absmax + f32 nested absmax and offset
+    nf4 = sum(o * i // 2 + o * i // 64 + 4 * -(-(o * i // 64) // 256) + 4 for o, i in shapes) * L
+    dense = (2 * V * h + (2 * L + 1) * h) * 2  # embeddings, lm_head, norms in bf16
+    adapters = sum(r * (o + i) for o, i in shapes) * L * 4 * 3  # f32 adapters + 2 AdamW moments
+    return nf4 + dense + adapters
+
+
+BATCH_BYTES = 5 * PER_CHIP * SEQ * 4  # five int32 [rows, seq] arrays, one row per GPU
+SCALARS = 4096  # the PRNG key, the optimizer's step count and schedule state: a few bytes
+
+
+@pytest.fixture(scope="module")
+def data_parallel() -> dict:
+    return _compile("4,1,1")  # one compile for the tests below
+
+
+@pytest.mark.slow
+def test_h100_data_parallel_step_memory_and_hlo(data_parallel):
+    row = data_parallel
+    assert row["platform"] == "gpu" and row["device_kind"] == "NVIDIA H100 80GB HBM3", row
+    expected = _state_bytes() + BATCH_BYTES  # data parallel: the state is replicated on every GPU
+    # XLA:GPU keeps arrays dense (no TPU tiles): the arguments are the state, byte for byte.
+    assert expected <= row["arguments"] <= expected + SCALARS, (row["arguments"], expected)
+    # Activations at one 1024-token sequence per GPU are a few MiB; XLA:GPU's temporaries also hold
+    # the f32 gradients of the adapters and the chunked logits. 64 MiB catches a whole decoded
+    # weight stack kept alive or [b, h, s, s] f32 scores of all layers (6 heads x 4 MiB each per layer).
+    assert 0 < row["temporaries"] < 64 * 2**20, row["temporaries"]
+    assert row["weight_buffers"] == [], row["weight_buffers"]
+    assert row["score_buffers"] == [], row["score_buffers"]
+
+
+@pytest.mark.slow
+def test_h100_no_hoisted_nf4_code_value_broadcasts(data_parallel):
+    # The NF4 code values as a full-size f32 constant per code and weight shape, hoisted out of the
+    # layer scan: with the jnp.where decode 64 of them for the tiny model, ~3.8 GiB of the (8,1,1)
+    # step's 5.3 GiB of temporaries per GPU at 8B (docs/gpu_aot.md). quant.nf4.code_values now
+    # broadcasts nothing.
+    assert data_parallel["level_broadcasts"] == [], sorted(set(data_parallel["level_broadcasts"]))
