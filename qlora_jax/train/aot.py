@@ -103,8 +103,9 @@ TARGETS = {
 }
 
 PIP_LINE = 'pip install "jax[tpu]=={version}"'
+NVCC_WHEEL = "nvidia-cuda-nvcc-cu12==12.9.86"  # ptxas; the Makefile's .venv-cuda pins the same
 CUDA_PIP_LINE = ('pip install "jax-cuda12-plugin=={version}" "jax-cuda12-pjrt=={version}" '
-                 '"nvidia-cuda-nvcc-cu12==12.9.86"')
+                 f'"{NVCC_WHEEL}"')
 
 
 class PlanError(UserError):
@@ -185,7 +186,7 @@ def _gpu_devices(target: Target) -> list[Any]:
                         f"{CUDA_PIP_LINE.format(version=jax.__version__)}")
     if not _ptxas_available():
         raise PlanError(f"compiling for {target.name} needs ptxas (CUDA's PTX assembler), which this environment "
-                        f"lacks: pip install \"nvidia-cuda-nvcc-cu12==12.9.86\" (make .venv-cuda installs it)")
+                        f"lacks: pip install \"{NVCC_WHEEL}\" (make .venv-cuda installs it)")
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # read when the plugin is first loaded
     from jax.experimental import topologies
 

@@ -24,6 +24,14 @@ def _replicated_jit(fn, mesh):
     return jax.jit(fn, static_argnums=(3,), out_shardings=shard_lib.replicated(mesh))
 
 
+def _pair_batches(pairs: list[TokenizedPair], batch_size: int, seq_len: int, pad_id: int,
+                  pad_to_multiple_of: int) -> list[dict]:
+    """Held-out pairs in fixed batches, similar lengths together (metrics are means over pairs)."""
+    it = PreferenceBatchIterator(sorted(pairs, key=len), batch_size=batch_size, seq_len=seq_len, shuffle=False,
+                                 num_epochs=1, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+    return list(it)
+
+
 class SFTEvaluator:
     """Eval loss (per loss token) and exact match: every completion token is the argmax under
     teacher forcing -- exactly the examples greedy decoding would reproduce."""
@@ -60,10 +68,7 @@ class PreferenceEvaluator:
                  batch_size: int, seq_len: int, pad_id: int, pad_to_multiple_of: int = 64):
         self.objective = objective
         self.pairs = len(pairs)
-        by_length = sorted(pairs, key=len)  # metrics are means over pairs: batch similar lengths together
-        it = PreferenceBatchIterator(by_length, batch_size=batch_size, seq_len=seq_len, shuffle=False,
-                                     num_epochs=1, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
-        self.batches = list(it)
+        self.batches = _pair_batches(pairs, batch_size, seq_len, pad_id, pad_to_multiple_of)
         self._fn = _replicated_jit(
             lambda lora, rest, batch, on: dpo_lib.sequence_logps(graphdef, lora, rest, batch, lora_enabled=on), mesh)
         self._ref: list[np.ndarray] | None = None
@@ -102,10 +107,7 @@ class ReferenceFreeEvaluator:
     def __init__(self, graphdef, mesh, pairs: list[TokenizedPair], objective, *, batch_size: int, seq_len: int,
                  pad_id: int, pad_to_multiple_of: int = 64):
         self.objective = objective
-        by_length = sorted(pairs, key=len)
-        it = PreferenceBatchIterator(by_length, batch_size=batch_size, seq_len=seq_len, shuffle=False,
-                                     num_epochs=1, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
-        self.batches = list(it)
+        self.batches = _pair_batches(pairs, batch_size, seq_len, pad_id, pad_to_multiple_of)
         self._fn = jax.jit(lambda lora, rest, batch: objective.sums(graphdef, lora, rest, batch),
                            out_shardings=shard_lib.replicated(mesh))
 

@@ -199,8 +199,16 @@ class PairTask(SFTTask):
         self.objective = self.make_objective(rc)
         self.stopper = EarlyStopping(patience=rc.train.early_stopping_patience)
 
+    evaluator_class: type  # the held-out evaluator of the subclass's objective
+
     def make_objective(self, rc: RunConfig) -> Any:
         raise NotImplementedError
+
+    def bind(self, graphdef, mesh, rest):
+        self.rest = rest
+        self.evaluator = self.evaluator_class(graphdef, mesh, self.eval_ex, self.objective,
+                                              batch_size=self.rc.train.batch_size, seq_len=self.rc.data.max_length,
+                                              pad_id=self.pad_id, pad_to_multiple_of=self.rc.data.pad_to_multiple_of)
 
     def metrics(self, m: dict[str, Any]) -> dict[str, float]:
         """Per-pair means of summed statistics (a step's or an evaluation's)."""
@@ -264,6 +272,8 @@ class PairTask(SFTTask):
 class DPOTask(PairTask):
     """DPO: a reference policy (adapters off, or frozen starting adapters) beside the trained one."""
 
+    evaluator_class = PreferenceEvaluator
+
     name = "dpo"
     loss_label = "DPO loss per pair"
 
@@ -282,15 +292,12 @@ class DPOTask(PairTask):
                 "dpo": {"beta": o.beta, "loss_type": o.loss_type, "label_smoothing": o.label_smoothing},
                 "reference": "frozen starting adapters" if o.frozen_adapters else "adapters off"}
 
-    def bind(self, graphdef, mesh, rest):
-        self.rest = rest
-        self.evaluator = PreferenceEvaluator(graphdef, mesh, self.eval_ex, self.objective,
-                                             batch_size=self.rc.train.batch_size, seq_len=self.rc.data.max_length,
-                                             pad_id=self.pad_id, pad_to_multiple_of=self.rc.data.pad_to_multiple_of)
 
 
 class ReferenceFreeTask(PairTask):
     """ORPO and CPO / SimPO (``objectives/preference.py``): no reference policy, one forward per step."""
+
+    evaluator_class = ReferenceFreeEvaluator
 
     def make_objective(self, rc):
         self.name = rc.objective
@@ -316,12 +323,6 @@ class ReferenceFreeTask(PairTask):
     def summary(self):
         section = {f.name: getattr(self.objective, f.name) for f in dataclasses.fields(self.objective)}
         return {**super().summary(), "objective": self.name, self.name: section, "reference": "none"}
-
-    def bind(self, graphdef, mesh, rest):
-        self.rest = rest
-        self.evaluator = ReferenceFreeEvaluator(graphdef, mesh, self.eval_ex, self.objective,
-                                                batch_size=self.rc.train.batch_size, seq_len=self.rc.data.max_length,
-                                                pad_id=self.pad_id, pad_to_multiple_of=self.rc.data.pad_to_multiple_of)
 
 
 class GRPOTask(Task):

@@ -1,8 +1,7 @@
 """The one training run: ``run(config)`` is what ``python -m qlora_jax.train --config ...`` calls.
 
 Whatever the objective (``config.objective``: "sft", "dpo", "orpo", "cpo" or "grpo";
-``train/tasks.py``), a run
-is the same sequence, written once here:
+``train/tasks.py``), a run is the same sequence, written once here:
 
 1. check the config (``train/config.py``, every bad key in one message) and the inputs; a run
    directory holding a finished run of the same length is reported and left untouched;
