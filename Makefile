@@ -56,13 +56,15 @@ clean:
 .venv-tpu: .venv-tpu/.done
 
 # A third venv with the CUDA PJRT plugin, for compiling the train step for NVIDIA GPUs on any
-# machine (python -m qlora_jax.plan --target h100x8, tests/test_gpu_compile.py): the plugin and
-# ptxas only, not the ~3 GB of CUDA runtime wheels jax[cuda12] brings. ~3.5 min and ~2.0 GB.
+# machine (python -m qlora_jax.plan --target h100x8, tests/test_gpu_compile.py): the plugin, ptxas
+# and cuDNN (the fused attention's library, 0.7 GB), not the rest of the CUDA runtime wheels
+# jax[cuda12] brings.
 .venv-cuda/.done: $(VENV)/.base
 	$(PYTHON) -m venv .venv-cuda
 	.venv-cuda/bin/pip install -q --upgrade pip
 	V=$$($(PY) -c 'import jax; print(jax.__version__)'); .venv-cuda/bin/pip install -q -e . "jax==$$V" \
-	  "jax-cuda12-plugin==$$V" "jax-cuda12-pjrt==$$V" "nvidia-cuda-nvcc-cu12==12.9.86"
+	  "jax-cuda12-plugin==$$V" "jax-cuda12-pjrt==$$V" "nvidia-cuda-nvcc-cu12==12.9.86" \
+	  "nvidia-cudnn-cu12==9.28.0.42"
 	touch $@
 
 .venv-cuda: .venv-cuda/.done

@@ -31,6 +31,8 @@ def get_config() -> ConfigDict:
     c.model.param_dtype = "float32"  # storage of unquantized weights (embeddings, norms)
     c.model.init_from = ""  # a previous run's workdir (e.g. SFT): start from its adapters; they become the reference
     c.model.remat = "projections"  # per decoder layer: "projections" | "none" | "full" | "dots" | "dots_no_batch"
+    c.model.attention_impl = "auto"  # "auto" (splash on TPU, cuDNN on GPU, XLA on CPU) | "jax" | "einsum" | "splash" | "cudnn"
+    c.model.quant_matmul_impl = "auto"  # 4-bit frozen matmul: "auto" (fused Pallas kernel on TPU, XLA elsewhere) | "xla" | "pallas"
 
     c.lora = ConfigDict()
     c.lora.r = 16  # adapter rank
@@ -76,6 +78,8 @@ def get_config() -> ConfigDict:
     c.train.checkpoint_every = 6  # optimizer steps between checkpoints
     c.train.keep_checkpoints = 2  # keep the newest N checkpoints
     c.train.export_peft = True  # write the final adapters (workdir/adapter) and the best (workdir/best_adapter)
+    c.train.wandb_project = ""  # also log to this Weights & Biases project ("" = off; pip install 'qlora_jax[wandb]')
+    c.train.wandb_mode = "online"  # "online" | "offline" (no network: files in workdir/wandb, upload with `wandb sync`)
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # data-parallel axis size (-1 = all remaining devices)

@@ -26,13 +26,16 @@ def get_config() -> ConfigDict:
     # per decoder layer: "projections" (keep projection outputs, recompute norms, attention
     # probabilities, SiLU) | "none" | "full" (recompute everything) | "dots" | "dots_no_batch"
     c.model.remat = "projections"
+    c.model.attention_impl = "auto"  # "auto" (splash on TPU, cuDNN on GPU, XLA on CPU) | "jax" | "einsum" | "splash" | "cudnn"
+    c.model.quant_matmul_impl = "auto"  # 4-bit frozen matmul: "auto" (fused Pallas kernel on TPU, XLA elsewhere) | "xla" | "pallas"
 
     c.lora = ConfigDict()
     c.lora.r = 16  # adapter rank
     c.lora.alpha = 32.0  # scale s = alpha / r (alpha / sqrt(r) with rslora)
     c.lora.dropout = 0.05  # dropout on the adapter's input
     c.lora.targets = "all-linear"  # "all-linear", comma-separated names (q_proj,v_proj) or a regex
-    c.lora.init = "gaussian"  # "gaussian": A ~ N(0, init_std^2) (seed 000) | "peft": kaiming-uniform A
+    c.lora.init = "gaussian"  # "gaussian": A ~ N(0, init_std^2) (seed 000) | "peft": kaiming-uniform A | "pissa" | "pissa_niter_K" | "loftq"
+    c.lora.loftq_iter = 1  # alternating quantize / SVD rounds for init="loftq"
     c.lora.init_std = 0.01  # std of A for init="gaussian"
     c.lora.rslora = False  # rank-stabilised scaling alpha / sqrt(r)
     c.lora.use_dora = False  # DoRA: a trained magnitude per output row rescales W + s B A (peft use_dora)
@@ -73,6 +76,8 @@ def get_config() -> ConfigDict:
     c.train.generate_eval = 24  # held-out prompts to answer greedily before and after (0 = skip)
     c.train.max_new_tokens = 24  # generation length for that check
     c.train.export_peft = True  # write adapters in PEFT format at the end (workdir/adapter)
+    c.train.wandb_project = ""  # also log to this Weights & Biases project ("" = off; pip install 'qlora_jax[wandb]')
+    c.train.wandb_mode = "online"  # "online" | "offline" (no network: files in workdir/wandb, upload with `wandb sync`)
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # data-parallel axis size (-1 = all remaining devices)

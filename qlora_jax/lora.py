@@ -27,13 +27,14 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax.errors import UserError
+from qlora_jax.lora_init import changes_base
 
 # The seven linears of a LLaMA / Qwen decoder layer, in HF naming, and the block each lives in.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROJECTION_BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
                     "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 ALL_LINEAR = "all-linear"  # shorthand for all seven (never lm_head, as in QLoRA)
-LORA_INITS = ("peft", "gaussian")
+LORA_INITS = ("peft", "gaussian", "pissa", "pissa_niter_K", "loftq")  # K: randomized-SVD power iterations
 
 
 class LoraTargetError(UserError):
@@ -73,8 +74,10 @@ class LoraConfig:
     alpha: float = 16.0  # scale numerator: s = alpha / r (alpha / sqrt(r) with use_rslora)
     dropout: float = 0.0  # dropout on the adapter's input only (the base path sees x as is)
     targets: tuple[str, ...] | str = ALL_LINEAR  # see class docstring
-    init: str = "peft"  # "peft": A ~ U(+-1/sqrt(in)); "gaussian": A ~ N(0, init_std^2). B = 0.
+    init: str = "peft"  # "peft": A ~ U(+-1/sqrt(in)); "gaussian": A ~ N(0, init_std^2) (B = 0 for both);
+    # "pissa" / "pissa_niter_K" / "loftq": from the base weight's SVD, base <- residual (qlora_jax.lora_init)
     init_std: float = 0.01  # std of A for init="gaussian"
+    loftq_iter: int = 1  # alternating quantize / SVD rounds for init="loftq"
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
     use_dora: bool = False  # DoRA: a trainable magnitude per output row (see the module docstring)
     dtype: str = "float32"  # storage dtype of A, B (and the DoRA magnitude)
@@ -91,8 +94,12 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.r must be positive, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.init not in LORA_INITS:
+        if self.init not in ("peft", "gaussian") and not changes_base(self.init):
             raise ValueError(f"LoraConfig.init must be one of {LORA_INITS}, got {self.init!r}")
+        if self.loftq_iter < 1:
+            raise ValueError(f"LoraConfig.loftq_iter must be >= 1, got {self.loftq_iter}")
+        if self.use_dora and changes_base(self.init):
+            raise ValueError(f"LoraConfig.init={self.init!r} cannot be combined with use_dora")
 
     @property
     def scale(self) -> float:
@@ -136,7 +143,9 @@ def init_lora_a(key: jax.Array, lora: LoraConfig, in_features: int) -> jax.Array
     """``lora_a`` [r, in] at init.
 
     "peft": PEFT's default, ``kaiming_uniform_(a=sqrt(5))`` = U(-1/sqrt(in), 1/sqrt(in)).
-    "gaussian": N(0, init_std^2) (std 0.01, as in the seed experiments).
+    "gaussian": N(0, init_std^2) (std 0.01, as in the seed experiments); also the placeholder for
+    "pissa" / "loftq", whose real values ``build_model`` computes from the float base weights
+    (``qlora_jax.lora_init``).
     """
     shape = (lora.r, in_features)
     if lora.init == "peft":

@@ -4,6 +4,9 @@ qlora_jax/train/gpu_specs/h100_sxm.txtpb: no GPU, driver or CUDA library) and pr
 the per-GPU memory figures and what the optimized HLO holds.
 
     JAX_PLATFORMS=cpu .venv-cuda/bin/python tests/_gpu_compile_worker.py MESH
+
+``QLORA_ATTENTION_IMPL`` (default "auto") sets ``ModelConfig.attention_impl``; "cudnn" needs the cuDNN
+library (the nvidia-cudnn-cu12 wheel) importable, else the worker prints ``{"skip": ...}``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _tpu_compile_worker import PER_CHIP, SEQ, TINY, non_fused_shapes  # noqa: E402
+from _tpu_compile_worker import PER_CHIP, SEQ, TINY, attention_score_buffers, non_fused_shapes  # noqa: E402
 
 GPUS = 4
 
@@ -32,15 +35,24 @@ def main() -> None:
     from qlora_jax.models import ModelConfig, QuantConfig
     from qlora_jax.train.aot import TARGETS, StepSpec, compile_step, target_devices
 
+    impl = os.environ.get("QLORA_ATTENTION_IMPL", "auto")
     target = dataclasses.replace(TARGETS["h100x8"], name=f"h100x{GPUS}", topology=f"1x1x{GPUS}", chips=GPUS)
     devices = target_devices(target)
+    if impl == "cudnn":
+        try:
+            from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+
+            check_cudnn_version()
+        except Exception as e:  # noqa: BLE001 - RuntimeError("cuDNN not found.")
+            print(json.dumps({"skip": f"cuDNN library not found by jax ({e}): pip install nvidia-cudnn-cu12"}))
+            return
     mesh = tuple(int(x) for x in mesh_arg.split(","))
     spec = StepSpec(hf_config=TINY, lora=LoraConfig(r=8, alpha=16.0, dropout=0.05), quant=QuantConfig(),
                     dtype="bfloat16", param_dtype="bfloat16", remat="full", micro_batch=PER_CHIP * mesh[0] * mesh[1],
                     grad_accum=1, seq=SEQ, mesh=mesh,
                     optimizer=dict(lr=1e-3, warmup_ratio=0.1, schedule="cosine", weight_decay=0.01,
                                    max_grad_norm=0.3, b1=0.9, b2=0.999, eps=1e-8),
-                    frozen_layout="default")  # as the trainer compiles it off TPU
+                    frozen_layout="default", attention_impl=impl)  # as the trainer compiles it off TPU
     t0 = time.perf_counter()
     compiled = compile_step(spec, devices)
     seconds = time.perf_counter() - t0
@@ -81,6 +93,11 @@ def main() -> None:
         "weight_buffers": weight_buffers, "weight_shaped": weight_shaped, "half_buffers": half_buffers,
         "score_buffers": score_buffers, "level_broadcasts": level_broadcasts,
         "n_instructions": len(shapes), "seq": SEQ, "per_chip": PER_CHIP, "gpus": GPUS,
+        "attention_impl": impl, "cudnn_calls": len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo)),
+        "attention_scores": attention_score_buffers(shapes, TINY["num_attention_heads"], TINY["num_key_value_heads"]),
+        # [b, 1, t, s]: the same-segment mask cuDNN takes as a bias (one per row, not per head)
+        "mask_buffers": sorted({f"{t}{list(s)} {op}" for t, s, op in shapes
+                                if len(s) == 4 and s[1] == 1 and s[-1] == SEQ and s[-2] == SEQ}),
         "platform": devices[0].platform, "device_kind": devices[0].device_kind,
     }))
     if os.environ.get("QLORA_GPU_HLO_DUMP"):

@@ -3,6 +3,8 @@ training step for a v5e:2x2 topology (4 chips, no hardware) and print one JSON l
 per-chip memory figures and what the optimized HLO holds.
 
     JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 .venv-tpu/bin/python tests/_tpu_compile_worker.py MESH [auto|default]
+
+``QLORA_ATTENTION_IMPL`` (default "auto") sets ``ModelConfig.attention_impl`` (tests/test_attention_kernels.py).
 """
 
 from __future__ import annotations
@@ -48,6 +50,22 @@ def non_fused_shapes(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def attention_score_buffers(shapes: list, heads: int, kv_heads: int) -> list[str]:
+    """Float buffers shaped like attention scores or probabilities: ``[..., t, s]`` with both of
+    ``t, s`` at least ``SEQ // 2`` (the blockwise path's 512-row blocks included) and leading dims
+    holding the heads (``[b, heads]`` or ``[b, kv_heads, group]``); the logits [rows, SEQ, vocab]
+    have no heads in front."""
+    out = set()
+    for t, s, op in shapes:
+        if t in ("f32", "bf16", "f16") and len(s) >= 3 and min(s[-2:]) >= SEQ // 2 and max(s[-2:]) <= SEQ:
+            lead = 1
+            for x in s[:-2]:
+                lead *= x
+            if lead % kv_heads == 0 and lead >= min(heads, kv_heads * 2):
+                out.add(f"{t}{list(s)} {op}")
+    return sorted(out)
+
+
 def main() -> None:
     mesh_arg = sys.argv[1] if len(sys.argv) > 1 else "4,1,1"
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -66,7 +84,7 @@ def main() -> None:
                     grad_accum=1, seq=SEQ, mesh=mesh,
                     optimizer=dict(lr=1e-3, warmup_ratio=0.1, schedule="cosine", weight_decay=0.01,
                                    max_grad_norm=0.3, b1=0.9, b2=0.999, eps=1e-8),
-                    frozen_layout=layout)
+                    frozen_layout=layout, attention_impl=os.environ.get("QLORA_ATTENTION_IMPL", "auto"))
     t0 = time.perf_counter()
     compiled = compile_step(spec, devices)
     seconds = time.perf_counter() - t0
@@ -95,6 +113,8 @@ def main() -> None:
         "temporaries": mem.temp_size_in_bytes, "outputs": mem.output_size_in_bytes,
         "weight_buffers": weight_buffers, "half_buffers": half_buffers, "score_buffers": score_buffers,
         "u8_copies": u8_copies, "frozen_layout": spec.frozen_layout, "n_instructions": len(shapes),
+        "attention_impl": spec.attention_impl, "tpu_custom_calls": hlo.count('custom_call_target="tpu_custom_call"'),
+        "attention_scores": attention_score_buffers(shapes, TINY["num_attention_heads"], TINY["num_key_value_heads"]),
         "seq": SEQ, "per_chip": PER_CHIP, "platform": devices[0].platform,
     }))
 

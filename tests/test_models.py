@@ -134,7 +134,7 @@ def test_real_config_matches_transformers(path):
 def test_config_errors_name_the_key():
     base = json.load(open(os.path.join(CONFIG_DIR, "qwen3-0.6b.json")))
     with pytest.raises(ValueError, match="model_type"):
-        ModelConfig.from_hf(dict(base, model_type="mistral"))
+        ModelConfig.from_hf(dict(base, model_type="mixtral"))
     with pytest.raises(ValueError, match="model_type"):
         ModelConfig.from_hf({k: v for k, v in base.items() if k != "model_type"})
     with pytest.raises(ValueError, match="intermediate_size"):

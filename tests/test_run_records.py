@@ -37,6 +37,19 @@ def test_record_check_names_every_differing_key():
                                "  lora.use_rslora: checkpoint has False, config has True")  # init is not compared
 
 
+def test_record_check_compares_init_when_it_rewrites_the_base():
+    """PiSSA / LoftQ adapters belong to the residual base their init built (the loader rebuilds it
+    from the record): another init, or another number of LoftQ rounds, is refused."""
+    pissa = {**RECORD, "init": "pissa"}
+    ckpt_lib.check_lora_record(pissa, dict(pissa), "here")
+    with pytest.raises(ckpt_lib.CheckpointMismatch) as info:
+        ckpt_lib.check_lora_record(pissa, RECORD, "ckpt/2")
+    assert str(info.value) == ("ckpt/2: LoRA config differs from the checkpoint's:\n"
+                               "  lora.init: checkpoint has 'pissa', config has 'gaussian'")
+    with pytest.raises(ckpt_lib.CheckpointMismatch, match=r"lora.loftq_iter: checkpoint has 1, config has 3$"):
+        ckpt_lib.check_lora_record({**RECORD, "init": "loftq"}, {**RECORD, "init": "loftq", "loftq_iter": 3}, "c")
+
+
 def test_init_from_refuses_a_different_record(tmp_path):
     """``init_adapters_from`` on a saved checkpoint: the same record restores the adapters bit for
     bit; another rank is refused before any array is read."""

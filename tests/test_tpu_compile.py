@@ -60,3 +60,20 @@ def test_v5e_data_parallel_step_memory_and_hlo():
     # the NF4 codes or 8-bit absmax (the default layouts give 4 for this model: codes and absmax).
     assert row["frozen_layout"] == "auto"
     assert row["u8_copies"] == [], row["u8_copies"]
+
+
+@pytest.mark.slow
+def test_v5e_planner_counts_offloaded_optimizer_state_in_host_memory():
+    """``optim.offload``: the AdamW moments live in pinned host memory. XLA:TPU reports them as host
+    arguments, which the planner shows apart from the chip's memory: exactly the two f32 moments of
+    every adapter (plus the step counts), and the chip's arguments no longer include them."""
+    row = compile_in_venv(".venv-tpu", "_offload_compile_worker.py", "4,1,1 tpu",
+                          require_env="QLORA_REQUIRE_TPU_COMPILE", missing="the TPU compiler is not installed",
+                          ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    h, inter, L = TINY["hidden_size"], TINY["intermediate_size"], TINY["num_hidden_layers"]
+    q, kv = TINY["num_attention_heads"] * TINY["head_dim"], TINY["num_key_value_heads"] * TINY["head_dim"]
+    moments = sum(8 * (o + i) for o, i in [(q, h), (kv, h), (kv, h), (h, q), (inter, h), (inter, h), (h, inter)])
+    moments *= L * 4 * 2  # r=8, f32, AdamW's mu and nu
+    assert moments <= row["host_arguments"] <= moments + 4096, (row["host_arguments"], moments)
+    on_device = _expected_argument_bytes(4, 1) - moments
+    assert on_device <= row["arguments"] <= 1.6 * on_device, (row["arguments"], on_device)

@@ -42,6 +42,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from qlora_jax.checkpoints import bnb_format, gguf_reader, gguf_writer, hf_writer
 from qlora_jax.checkpoints.gguf_writer import TENSOR_TYPES
 from qlora_jax.checkpoints.hf_writer import EXPORT_DTYPES
@@ -49,6 +51,7 @@ from qlora_jax.checkpoints.load import resolve_source
 from qlora_jax.checkpoints.peft_io import save_peft_adapter
 from qlora_jax.checkpoints.run_dir import ADAPTER_DIR, load_run_model, read_run
 from qlora_jax.errors import UserError
+from qlora_jax.lora_init import changes_base
 
 log = logging.getLogger("qlora_jax.export")
 
@@ -195,8 +198,12 @@ def _write_in_place_of(out: Path, fmt: str, write: Callable[[Path], Any]) -> Pat
 
 
 def export_model(model, tokenizer, fmt: str, out: str | os.PathLike, *, source: str, dtype: str = "bfloat16",
-                 gguf_type: str = "Q8_0", max_shard_bytes: int | None = None, overwrite: bool = False) -> Path:
+                 gguf_type: str = "Q8_0", max_shard_bytes: int | None = None, overwrite: bool = False,
+                 initial: dict[str, np.ndarray] | None = None) -> Path:
     """Write an already loaded fine-tuned ``model`` in format ``fmt`` (see the module docstring).
+
+    ``initial``: PiSSA / LoftQ adapters as initialised; with them ``peft`` is written for the
+    original base (``save_peft_adapter``), without them against the residual base.
 
     ``out`` must be new or empty unless ``overwrite``, which replaces an earlier export there as a
     whole (:func:`check_target`); the export is written beside ``out`` and renamed into place.
@@ -207,15 +214,15 @@ def export_model(model, tokenizer, fmt: str, out: str | os.PathLike, *, source: 
     check_target(out, fmt, overwrite=overwrite)
     return _write_in_place_of(out, fmt, lambda path: _write_format(
         model, tokenizer, fmt, path, final_out=out, source=source, dtype=dtype, gguf_type=gguf_type,
-        max_shard_bytes=max_shard_bytes))
+        max_shard_bytes=max_shard_bytes, initial=initial))
 
 
 def _write_format(model, tokenizer, fmt: str, out: Path, *, final_out: Path, source: str, dtype: str,
-                  gguf_type: str, max_shard_bytes: int | None) -> Path:
+                  gguf_type: str, max_shard_bytes: int | None, initial: dict[str, np.ndarray] | None = None) -> Path:
     """Write ``fmt`` at ``out`` (a temporary path); ``final_out`` is where it will end up."""
     shard = hf_writer.DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
     if fmt == "peft":
-        return save_peft_adapter(model, out, base_model=source)
+        return save_peft_adapter(model, out, base_model=source, initial=initial)
     if fmt == "merged":
         config, source_dir = source_config(source)
         return hf_writer.save_merged(model, out, config=config, tokenizer=tokenizer, dtype=dtype,
@@ -269,9 +276,11 @@ def export(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike | None =
     check_target(out, fmt, overwrite=overwrite)
     # GGUF export copies a GGUF source's tokenizer metadata; the other cases need the tokenizer.
     needs_tokenizer = fmt in ("merged", "bnb4") or (fmt == "gguf" and resolve_source(run.source)[0] != "gguf")
-    model, tokenizer = load_run_model(run, with_tokenizer=needs_tokenizer)
+    # PiSSA / LoftQ: the PEFT export targets the original base, from the adapters as initialised.
+    initial = {} if fmt == "peft" and changes_base(run.lora.init) else None
+    model, tokenizer = load_run_model(run, with_tokenizer=needs_tokenizer, initial=initial)
     return export_model(model, tokenizer, fmt, out, source=run.source, dtype=dtype, gguf_type=gguf_type,
-                        max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+                        max_shard_bytes=max_shard_bytes, overwrite=overwrite, initial=initial)
 
 
 __all__ = ["EXPORT_MARKER", "FORMATS", "ExportError", "check_target", "default_out", "export", "export_model"]

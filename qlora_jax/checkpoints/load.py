@@ -80,6 +80,8 @@ def load_model(
     blocksize: int = 64,
     double_quant: bool = True,
     remat: str | None = None,
+    attention_impl: str | None = None,
+    quant_matmul_impl: str | None = None,
     rng_seed: int = 0,
     with_tokenizer: bool = True,
 ):
@@ -108,6 +110,10 @@ def load_model(
         tensors = hf_reader.iter_hf_tensors(path)
 
     overrides = {} if remat is None else {"remat_policy": remat}
+    if attention_impl is not None:
+        overrides["attention_impl"] = attention_impl
+    if quant_matmul_impl is not None:
+        overrides["quant_matmul_impl"] = quant_matmul_impl
     quant = None
     if quantize not in (None, "none", ""):
         quant = QuantConfig(quant_type=quantize, blocksize=blocksize, double_quant=double_quant)

@@ -20,22 +20,39 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from qlora_jax.lora import peft_adapter_tensors
+from qlora_jax.lora_init import changes_base
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
 
 
-def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model: str = "") -> Path:
-    """Write ``model``'s adapters as a PEFT LoRA adapter directory; returns the directory."""
+def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model: str = "",
+                      initial: dict[str, np.ndarray] | None = None) -> Path:
+    """Write ``model``'s adapters as a PEFT LoRA adapter directory; returns the directory.
+
+    PiSSA / LoftQ (``lora.init``): the adapters belong to the *residual* base the model was built
+    with. Without ``initial`` they are written as they are, with ``init_lora_weights`` naming the
+    init (so :func:`lora_config_from_peft` rebuilds the same residual base). With ``initial`` (the
+    adapters right after init, ``peft_adapter_tensors`` names) they are converted for the
+    *original* base, as peft's ``path_initial_model_for_weight_conversion`` does:
+    ``s B A - s B0 A0`` = a rank-2r LoRA ``[B, -B0] @ [A; A0]``, ``lora_alpha`` raised so the
+    scale stays ``s``.
+    """
     lora = model.lora_config
     if lora is None:
         raise ValueError("the model has no LoRA adapters to save")
+    rank, alpha, init_weights = lora.r, lora.alpha, True
+    if changes_base(lora.init) and initial is None:
+        init_weights = lora.init
     out = Path(out_dir)
     if jax.process_index() != 0:
         return out
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v) for k, v in peft_adapter_tensors(model, _PREFIX).items()}
+    if changes_base(lora.init) and initial is not None:
+        tensors = _relative_to_original(tensors, initial)
+        rank, alpha = 2 * lora.r, alpha * (2 ** 0.5 if lora.use_rslora else 2)
     adapted = [v for v in model.iter_linears() if v.adapted]
     projections = sorted({v.proj for v in adapted})
     layers = sorted({v.layer for v in adapted})
@@ -43,8 +60,8 @@ def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model: str = ""
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
-        "r": lora.r,
-        "lora_alpha": lora.alpha,
+        "r": rank,
+        "lora_alpha": alpha,
         "lora_dropout": lora.dropout,
         "use_rslora": lora.use_rslora,
         "use_dora": lora.use_dora,
@@ -52,15 +69,32 @@ def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model: str = ""
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "init_lora_weights": True,
+        "init_lora_weights": init_weights,
         "modules_to_save": None,
     }
+    if init_weights == "loftq":
+        config["loftq_config"] = {"loftq_bits": 4, "loftq_iter": lora.loftq_iter}
     if len(layers) != model.config.num_hidden_layers:
         config["layers_to_transform"] = layers
     tmp = out / (ADAPTER_WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / ADAPTER_WEIGHTS)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    return out
+
+
+def _relative_to_original(tensors: dict[str, np.ndarray], initial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rank-2r adapters ``A' = [A; A0]`` [2r, in], ``B' = [B, -B0]`` [out, 2r] (``B' A' = B A - B0 A0``)."""
+    out = {}
+    for key, value in tensors.items():
+        if key not in initial:
+            raise ValueError(f"initial adapters lack {key!r}")
+        if key.endswith(".lora_A.weight"):
+            out[key] = np.concatenate([value, initial[key]], axis=0)
+        elif key.endswith(".lora_B.weight"):
+            out[key] = np.concatenate([value, -initial[key]], axis=1)
+        else:
+            raise ValueError(f"cannot convert {key!r} to the original base")
     return out
 
 

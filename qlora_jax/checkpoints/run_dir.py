@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ from flax import nnx
 from qlora_jax.checkpoints.load import load_model
 from qlora_jax.checkpoints.peft_io import ADAPTER_CONFIG, load_peft_adapter
 from qlora_jax.errors import UserError, ensure_free_space
-from qlora_jax.lora import ALL_LINEAR, PROJECTION_BLOCK, LoraConfig, LoRAParam
+from qlora_jax.lora import ALL_LINEAR, PROJECTION_BLOCK, LoraConfig, LoRAParam, peft_adapter_tensors
+from qlora_jax.lora_init import changes_base
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
@@ -42,13 +44,15 @@ EVAL_BEFORE_FILE = "eval_before.json"
 ADAPTER_DIR = "adapter"
 BEST_ADAPTER_DIR = "best_adapter"
 CHECKPOINT_DIR = "checkpoints"
+WANDB_RUN_ID_FILE = "wandb_run_id"  # the Weights & Biases run a resumed attempt keeps logging to
+WANDB_DIR = "wandb"  # wandb's own files (offline runs: `wandb sync <workdir>/wandb/offline-run-*`)
 
 log = logging.getLogger(__name__)
 
 # The keys of the LoRA record that must agree between a checkpoint and the model restoring it,
 # with the value a record written before the key existed stands for.
 LORA_KEYS_CHECKED = ("r", "alpha", "targets", "use_rslora", "use_dora")
-LORA_RECORD_DEFAULTS = {"use_rslora": False, "use_dora": False}
+LORA_RECORD_DEFAULTS = {"use_rslora": False, "use_dora": False, "loftq_iter": 1}
 
 
 class CheckpointMismatch(UserError):
@@ -63,9 +67,12 @@ def check_lora_record(saved: dict[str, Any], current: dict[str, Any], where: str
     def get(record, k):
         return record.get(k, LORA_RECORD_DEFAULTS.get(k))
 
+    keys = LORA_KEYS_CHECKED
+    if any(changes_base(str(record.get("init", ""))) for record in (saved, current)):
+        keys += ("init", "loftq_iter")  # PiSSA / LoftQ rebuild a residual base: it must be the same one
     diffs = [
         f"lora.{k}: checkpoint has {get(saved, k)!r}, config has {get(current, k)!r}"
-        for k in LORA_KEYS_CHECKED
+        for k in keys
         if _norm(get(saved, k)) != _norm(get(current, k))
     ]
     if diffs:
@@ -299,6 +306,16 @@ def read_eval_before(workdir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def wandb_run_id(workdir: Path) -> str:
+    """The run's Weights & Biases id: the one an earlier attempt recorded, else a new one, recorded."""
+    path = Path(workdir) / WANDB_RUN_ID_FILE
+    if path.exists():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)  # wandb ids: letters and digits
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Process 0 writes ``obj`` as JSON to ``path`` (a run's summary, evaluation records)."""
     if jax.process_index() == 0:
@@ -353,7 +370,7 @@ def lora_config_from_record(record: dict[str, Any]) -> LoraConfig:
     return LoraConfig(r=int(record["r"]), alpha=float(record["alpha"]), dropout=float(record.get("dropout", 0.0)),
                       targets=tuple(targets) if isinstance(targets, list) else targets,
                       init=record.get("init", "peft"), use_rslora=bool(record.get("use_rslora", False)),
-                      use_dora=bool(record.get("use_dora", False)))
+                      use_dora=bool(record.get("use_dora", False)), loftq_iter=int(record.get("loftq_iter", 1)))
 
 
 def lora_config_from_peft(adapter_dir: Path) -> LoraConfig:
@@ -375,12 +392,18 @@ def lora_config_from_peft(adapter_dir: Path) -> LoraConfig:
         targets = tuple(f"layers.{i}.{PROJECTION_BLOCK[t.rsplit('.', 1)[-1]]}.{t.rsplit('.', 1)[-1]}"
                         for i in layers for t in targets)
     elif isinstance(targets, list):
-        targets = tuple(targets)
+        # peft writes "all-linear" out as full module paths ("model.layers.0.self_attn.q_proj"):
+        # our paths start at "layers."
+        targets = tuple(t[t.index("layers."):] if t.startswith(("model.", "base_model.")) and "layers." in t else t
+                        for t in targets)
     elif layers is not None:
         raise RunDirError(f"{path}: a regex target_modules with layers_to_transform is not supported")
+    init = cfg.get("init_lora_weights")  # our PiSSA / LoftQ adapters name their residual base here
+    init = init if isinstance(init, str) and changes_base(init) else "peft"
     return LoraConfig(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
                       targets=targets, use_rslora=bool(cfg.get("use_rslora", False)),
-                      use_dora=bool(cfg.get("use_dora", False)))
+                      use_dora=bool(cfg.get("use_dora", False)), init=init,
+                      loftq_iter=int((cfg.get("loftq_config") or {}).get("loftq_iter", 1)))
 
 
 def read_run(workdir: str | os.PathLike, *, source: str | None = None, adapter: str | os.PathLike | None = None,
@@ -449,11 +472,16 @@ def load_orbax_adapters(model: nnx.Module, step_dir: str | os.PathLike) -> None:
 
 
 def load_run_model(run: RunRecord, *, with_tokenizer: bool = True, dtype: str = "float32",
-                   param_dtype: str | None = "float32"):
-    """(model with the trained adapters, tokenizer), computing in ``dtype`` (export merges in float32)."""
+                   param_dtype: str | None = "float32", initial: dict[str, np.ndarray] | None = None):
+    """(model with the trained adapters, tokenizer), computing in ``dtype`` (export merges in float32).
+
+    ``initial``: a dict filled with the adapters as initialised, before the trained ones are
+    loaded (PiSSA / LoftQ's ``B0``, ``A0``, which a PEFT export for the original base needs)."""
     model, tokenizer = load_model(run.source, quantize=run.quantize, dtype=dtype, param_dtype=param_dtype,
                                   lora=run.lora, blocksize=run.blocksize, double_quant=run.double_quant,
                                   with_tokenizer=with_tokenizer)
+    if initial is not None:
+        initial.update(peft_adapter_tensors(model))
     if run.adapter_dir is not None:
         load_peft_adapter(model, run.adapter_dir)
     else:

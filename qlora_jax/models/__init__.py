@@ -1,4 +1,4 @@
-"""LLaMA / Qwen decoders in Flax NNX with NF4-quantized frozen linears and LoRA adapters."""
+"""LLaMA / Qwen / Mistral / Gemma 2-3 decoders in Flax NNX with NF4-quantized frozen linears and LoRA adapters."""
 
 from qlora_jax.models.config import ModelConfig, QuantConfig, RopeScaling
 from qlora_jax.models.kv_cache import KVCache

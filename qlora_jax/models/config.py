@@ -14,6 +14,16 @@ Family differences, as transformers implements them:
 * qwen2 / qwen2.5: a bias on q, k and v (never on o), no other biases; same rope.
 * qwen3: RMSNorm over ``head_dim`` applied to each query and key head before rope; an explicit
   ``head_dim`` (default 128, not hidden / heads); ``attention_bias`` on q, k, v and o.
+* mistral: LLaMA without biases, plus ``sliding_window`` (may be null: then none) on every layer.
+* gemma2: GeGLU (``gelu_pytorch_tanh``), RMSNorm weights applied as ``(1 + w)`` in float32, four
+  norms per layer (the attention and MLP outputs are normed too), embeddings scaled by
+  ``sqrt(hidden_size)``, attention scale ``query_pre_attn_scalar ** -0.5``, soft-capped attention
+  scores and final logits (``cap * tanh(x / cap)``), sliding-window layers interleaved with global
+  ones (``layer_types``; default: even layers slide), tied embeddings.
+* gemma3_text: gemma2 plus qwen3-style q/k norms (``(1 + w)``), no soft-capping by default (and
+  transformers ignores ``attn_logit_softcapping`` here, so we do too), one global layer in
+  ``sliding_window_pattern`` (default 6), sliding layers with their own rope base
+  (``rope_local_base_freq``, unscaled) and the rope scaling on global layers only.
 """
 
 from __future__ import annotations
@@ -26,10 +36,13 @@ from typing import Any
 from qlora_jax.errors import ModelFileError
 from qlora_jax.models import params as params_lib
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text")
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # SwiGLU / GeGLU (tanh-approximated GELU)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "projections", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("jax", "einsum")
+ATTENTION_IMPLS = ("auto", "jax", "einsum", "splash", "cudnn")
+QUANT_MATMUL_IMPLS = ("xla", "pallas", "auto")
 
 # HF defaults of optional keys, per family (transformers 5.x configuration_*.py).
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -39,7 +52,18 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                   hidden_act="silu"),
     "qwen3": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
                   attention_bias=False, hidden_act="silu", head_dim=128),
+    "mistral": dict(max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                    hidden_act="silu"),
+    "gemma2": dict(max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                   attention_bias=False, hidden_activation="gelu_pytorch_tanh", head_dim=256,
+                   query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
+                   attn_logit_softcapping=50.0),
+    "gemma3_text": dict(max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                        attention_bias=False, hidden_activation="gelu_pytorch_tanh", head_dim=256,
+                        query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
+                        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0),
 }
+_GEMMA = ("gemma2", "gemma3_text")
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads")
 _DEFAULT_ROPE_THETA = 10000.0
@@ -92,11 +116,23 @@ class ModelConfig:
     qkv_bias: bool = False  # bias on q_proj, k_proj, v_proj
     o_bias: bool = False  # bias on o_proj
     mlp_bias: bool = False  # bias on gate_proj, up_proj, down_proj
-    qk_norm: bool = False  # per-head RMSNorm of queries and keys (qwen3)
-    hidden_act: str = "silu"
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys (qwen3, gemma3)
+    hidden_act: str = "silu"  # "silu" (SwiGLU) | "gelu_pytorch_tanh" (GeGLU, gemma)
+    sliding_window: int | None = None  # sliding layers see only the last this-many positions (incl. own)
+    layer_types: tuple[str, ...] = ()  # per layer "full_attention" | "sliding_attention"; () = all full
+    rope_local_theta: float | None = None  # rope base of sliding layers, unscaled (gemma3); None: as global
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (gemma); None: head_dim
+    attn_logit_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap) (gemma2)
+    final_logit_softcap: float | None = None  # output logits -> cap * tanh(logits / cap) (gemma2)
+    embed_scale: bool = False  # input embeddings times sqrt(hidden_size), in the compute dtype (gemma)
+    norm_plus_one: bool = False  # RMSNorm weight applied as (1 + w), in float32 (gemma)
+    sandwich_norms: bool = False  # also norm the attention and MLP outputs: four norms per layer (gemma)
     # Runtime knobs, not part of the HF config.
     remat_policy: str = "none"  # per decoder layer: "none" | "projections" | "full" | "dots" | "dots_no_batch"
-    attention_impl: str = "jax"  # "jax" (jax.nn.dot_product_attention) | "einsum"
+    # "auto" (splash on TPU, cuDNN on GPU, "jax" elsewhere) | "jax" (jax.nn.dot_product_attention) | "einsum"
+    # | "splash" | "cudnn" (models/attention_kernels.py; layers.attention_kernel says when each runs)
+    attention_impl: str = "auto"
+    quant_matmul_impl: str = "auto"  # 4-bit frozen matmul: "auto" (pallas on TPU, xla elsewhere) | "xla" | "pallas"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -107,12 +143,48 @@ class ModelConfig:
                              f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ModelFileError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.hidden_act != "silu":
-            raise ModelFileError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ModelFileError(f"hidden_act {self.hidden_act!r} is not supported ({', '.join(HIDDEN_ACTS)})")
+        if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
+            raise ModelFileError(f"layer_types has {len(self.layer_types)} entries for "
+                                 f"{self.num_hidden_layers} num_hidden_layers")
+        bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
+        if bad:
+            raise ModelFileError(f"unsupported config key 'layer_types' entries {bad} (supported: {LAYER_TYPES})")
+        if any(self.sliding_layers) and (self.sliding_window is None or self.sliding_window < 1):
+            raise ModelFileError(f"sliding_window must be a positive integer for sliding_attention layers, "
+                                 f"got {self.sliding_window!r}")
+        mixed = any(self.sliding_layers) and not all(self.sliding_layers)
+        if (self.attention_impl in ("splash", "cudnn") and mixed) or (self.attention_impl == "cudnn"
+                                                                       and self.attn_logit_softcap):
+            # The kernels take one static window per model; cuDNN has no soft cap.
+            raise ModelFileError(f"attention_impl {self.attention_impl!r} does not support "
+                                 f"{'soft-capped' if not mixed else 'interleaved sliding/global'} attention "
+                                 f"({self.model_type}); use 'auto', 'jax' or 'einsum'")
+        for key in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ModelFileError(f"{key} must be positive, got {value!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ModelFileError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ModelFileError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.quant_matmul_impl not in QUANT_MATMUL_IMPLS:
+            raise ModelFileError(f"quant_matmul_impl must be one of {QUANT_MATMUL_IMPLS}, "
+                                 f"got {self.quant_matmul_impl!r}")
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether it attends over a sliding window (``layer_types``)."""
+        if not self.layer_types:
+            return (False,) * self.num_hidden_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on ``q . k``: ``query_pre_attn_scalar ** -0.5``, else ``head_dim ** -0.5``."""
+        return float(self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None
+                     else self.head_dim) ** -0.5
 
     @property
     def q_size(self) -> int:
@@ -178,13 +250,16 @@ class ModelConfig:
             value = config.get(key)
             return _FAMILY_DEFAULTS[model_type].get(key) if value is None else value
 
-        for key in ("use_sliding_window",):
+        for key in ("use_sliding_window", "use_bidirectional_attention"):
             if config.get(key):
-                raise ModelFileError(f"unsupported config key {key!r} = true (sliding-window attention)")
+                raise ModelFileError(f"unsupported config key {key!r} = true")
 
         heads = int(config["num_attention_heads"])
         head_dim = get("head_dim") or int(config["hidden_size"]) // heads
-        rope_theta, rope_scaling = _parse_rope(config)
+        gemma = model_type in _GEMMA
+        rope_theta, rope_scaling, rope_local_theta = _parse_rope(config, get("rope_theta"),
+                                                                 local=model_type == "gemma3_text")
+        act_key = "hidden_activation" if gemma else "hidden_act"
         fields = dict(
             model_type=model_type,
             vocab_size=int(config["vocab_size"]),
@@ -199,26 +274,94 @@ class ModelConfig:
             max_position_embeddings=int(get("max_position_embeddings")),
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(get("tie_word_embeddings")),
-            hidden_act=str(get("hidden_act")),
+            hidden_act=str(get(act_key)),
         )
         if model_type == "llama":
             fields.update(qkv_bias=bool(get("attention_bias")), o_bias=bool(get("attention_bias")),
                           mlp_bias=bool(get("mlp_bias")))
         elif model_type == "qwen2":
             fields.update(qkv_bias=True)
-        else:  # qwen3
+        elif model_type == "qwen3":
             fields.update(qkv_bias=bool(get("attention_bias")), o_bias=bool(get("attention_bias")),
                           qk_norm=True)
+        elif model_type == "mistral":
+            window = config.get("sliding_window")  # null: full attention everywhere
+            if window is not None:
+                fields.update(sliding_window=int(window),
+                              layer_types=("sliding_attention",) * fields["num_hidden_layers"])
+        else:  # gemma2, gemma3_text
+            fields.update(qkv_bias=bool(get("attention_bias")), o_bias=bool(get("attention_bias")),
+                          sliding_window=_int_or_none(get("sliding_window"), "sliding_window"),
+                          layer_types=_gemma_layer_types(config, model_type, fields["num_hidden_layers"]),
+                          rope_local_theta=rope_local_theta,
+                          query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
+                          final_logit_softcap=_float_or_none(get("final_logit_softcapping")),
+                          embed_scale=True, norm_plus_one=True, sandwich_norms=True)
+            if model_type == "gemma2":
+                fields.update(attn_logit_softcap=_float_or_none(get("attn_logit_softcapping")))
+            else:
+                fields.update(qk_norm=True)
         fields.update(overrides)
         return cls(**fields)
 
 
-def _parse_rope(config: dict) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, scaling) from either ``rope_scaling`` (old) or ``rope_parameters`` (5.x)."""
+def _int_or_none(value: Any, key: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ModelFileError(f"config key {key!r} must be an integer or null, got {value!r}")
+    return value
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _gemma_layer_types(config: dict, model_type: str, num_layers: int) -> tuple[str, ...]:
+    """``layer_types`` as given, else transformers' default: every ``pattern``-th layer is global
+    (gemma2: pattern 2, gemma3: ``sliding_window_pattern``, default 6)."""
+    types = config.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list | tuple) or not all(isinstance(t, str) for t in types):
+            raise ModelFileError(f"config key 'layer_types' must be a list of strings, got {types!r}")
+        return tuple(types)
+    pattern = 2 if model_type == "gemma2" else config.get("sliding_window_pattern", 6)
+    if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+        raise ModelFileError(f"config key 'sliding_window_pattern' must be a positive integer, got {pattern!r}")
+    return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers))
+
+
+def _parse_rope(config: dict, default_theta: float | None = None, *,
+                local: bool = False) -> tuple[float, RopeScaling | None, float | None]:
+    """(rope_theta, scaling, local theta) from either ``rope_scaling`` (old) or ``rope_parameters`` (5.x).
+
+    ``local`` (gemma3): the rope of sliding layers has its own base -- old spelling
+    ``rope_local_base_freq``, 5.x ``rope_parameters.sliding_attention`` -- and no scaling; the
+    global layers' rope is ``rope_parameters.full_attention`` (5.x) or ``rope_theta`` +
+    ``rope_scaling``.
+    """
+    default_theta = _DEFAULT_ROPE_THETA if default_theta is None else default_theta
+    nested = config.get("rope_parameters") or {}
+    if local and isinstance(nested, dict) and ("full_attention" in nested or "sliding_attention" in nested):
+        sliding = dict(nested.get("sliding_attention") or {})
+        if sliding.get("rope_type", "default") != "default":
+            raise ModelFileError(f"unsupported config key 'rope_parameters.sliding_attention.rope_type' = "
+                                 f"{sliding['rope_type']!r} (supported: 'default')")
+        local_theta = float(sliding.get("rope_theta", config.get("rope_local_base_freq") or 10_000.0))
+        theta, scaling = _parse_rope_params(dict(nested.get("full_attention") or {}), config,
+                                            "rope_parameters.full_attention", default_theta)
+        return theta, scaling, local_theta
     key = "rope_parameters" if config.get("rope_parameters") is not None else "rope_scaling"
-    params = dict(config.get(key) or {})
+    theta, scaling = _parse_rope_params(dict(config.get(key) or {}), config, key, default_theta)
+    local_theta = float(config.get("rope_local_base_freq") or 10_000.0) if local else None
+    return theta, scaling, local_theta
+
+
+def _parse_rope_params(params: dict, config: dict, key: str,
+                       default_theta: float) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) of one rope parameter dict; ``key`` names it in errors."""
     theta = params.get("rope_theta", config.get("rope_theta"))
-    theta = float(_DEFAULT_ROPE_THETA if theta is None else theta)
+    theta = float(default_theta if theta is None else theta)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ModelFileError(f"unsupported config key '{key}.rope_type' = {rope_type!r} "

@@ -64,15 +64,21 @@ class KVCache:
         """Rotary positions ``[batch, num_new]`` of the next tokens (0 for left padding)."""
         return jnp.maximum(self.slots(num_new)[None, :] - self.start[:, None], 0)
 
-    def attention_mask(self, num_new: int) -> jax.Array:
+    def attention_mask(self, num_new: int, *, sliding_window: int | None = None) -> jax.Array:
         """Boolean ``[batch, 1, num_new, max_len]``: which cached slots each new token sees.
 
         Causal over slots, never a row's left padding; a padding query sees only itself.
+        ``sliding_window``: only the last ``sliding_window`` slots, its own included (every slot
+        stays in the cache; the window is a mask, as transformers' sliding-window mask over cache
+        positions).
         """
         q = self.slots(num_new)[None, None, :, None]  # [1, 1, t, 1]
         k = jnp.arange(self.max_len, dtype=jnp.int32)[None, None, None, :]  # [1, 1, 1, T]
         real = k >= self.start[:, None, None, None]  # [b, 1, 1, T]
-        return (k <= q) & (real | (k == q))
+        visible = k <= q
+        if sliding_window is not None:
+            visible = visible & (k > q - sliding_window)
+        return visible & (real | (k == q))
 
 
 def write_layer(k_all: jax.Array, v_all: jax.Array, layer: jax.Array, index: jax.Array,

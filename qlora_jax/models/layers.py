@@ -31,6 +31,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax import lora as lora_lib
+from qlora_jax.kernels import nf4_matmul as nf4_kernel
+from qlora_jax.models import attention_kernels
 from qlora_jax.models.config import ModelConfig, QuantConfig
 from qlora_jax.quant import Quant4bit, dequantize_4bit, dequantize_4bit_halves, quantize_4bit
 from qlora_jax.quant.nf4 import row_layout
@@ -154,6 +156,44 @@ def _frozen_matmul_bwd(w, g):
 frozen_matmul.defvjp(_frozen_matmul_fwd, _frozen_matmul_bwd)
 
 
+def quant_matmul(x: jax.Array, w: jax.Array | Quant4bit, impl: str = "xla", *,
+                 interpret: bool = False) -> jax.Array:
+    """:func:`frozen_matmul`, or the Pallas kernel (``qlora_jax.kernels.nf4_matmul``) when ``impl``
+    selects it: the one place the 4-bit matmul is chosen (``ModelConfig.quant_matmul_impl``).
+
+    ``impl`` "xla": always the XLA path. "pallas": the kernel of the target platform (the training
+    mesh's, else the default backend; Mosaic on TPU, Triton on GPU) for every 4-bit weight it
+    covers (``nf4_kernel.supports`` / ``supports_gpu``), the XLA path for the rest (dense weights,
+    odd shapes, the flat layout). "auto": "pallas" on TPU, else "xla" (the GPU kernel is not
+    measured yet). On CPU, or with ``interpret``, the TPU kernel runs in Pallas' interpreter (slow:
+    tests). Under :func:`activation_sharding` with more than one device the kernel runs in
+    ``shard_map`` (Pallas calls are not partitioned automatically): rows over ("data", "fsdp"),
+    the weight gathered whole on every device; a mesh with a "tensor" axis > 1, or rows that do
+    not divide, take the XLA path.
+    """
+    platform = _target_platform()
+    if impl == "auto":
+        impl = "pallas" if platform == "tpu" else "xla"
+    backend = "gpu" if platform == "gpu" else "tpu"
+    covered = nf4_kernel.supports_gpu(w) if backend == "gpu" else nf4_kernel.supports(w)
+    if impl != "pallas" or not covered:
+        return frozen_matmul(x, w)
+    interpret = interpret or platform not in ("tpu", "gpu")
+
+    def kernel(x, w):
+        return nf4_kernel.nf4_matmul(x, w, interpret, backend)
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return kernel(x, w)
+    sizes = dict(mesh.shape)
+    rows = sizes.get("data", 1) * sizes.get("fsdp", 1)
+    if any(n > 1 for axis, n in sizes.items() if axis not in ("data", "fsdp")) or x.shape[0] % rows:
+        return frozen_matmul(x, w)
+    spec = jax.sharding.PartitionSpec(tuple(a for a in ("data", "fsdp") if a in sizes))
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec()),
+                         out_specs=spec, check_vma=False)(x, w)
+
+
 @jax.custom_vjp
 def lora_matmul(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
     """The adapter's output ``(x A^T) B^T * scale``: ``x [..., in]``, ``a [r, in]``, ``b [out, r]``.
@@ -255,8 +295,10 @@ class QLoRALinear(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
                  quant: QuantConfig | None = None, lora: lora_lib.LoraConfig | None = None,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+                 matmul_impl: str = "xla"):
         self.in_features, self.out_features = in_features, out_features
+        self.matmul_impl = matmul_impl  # the frozen matmul's implementation (see quant_matmul)
         self.dtype, self.param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
         self.lora_config = lora
         self.scale = lora.scale if lora is not None else 0.0
@@ -292,7 +334,7 @@ class QLoRALinear(nnx.Module):
         """
         x = x.astype(self.dtype)
         w = self.weight.get_value()
-        base = frozen_matmul(x, w)
+        base = quant_matmul(x, w, self.matmul_impl)
         y = base
         if self.bias is not None:
             y = y + self.bias.get_value().astype(self.dtype)
@@ -310,7 +352,7 @@ class QLoRALinear(nnx.Module):
         # with dropout the rescaled copy is of the dropped-out input (a second frozen matmul).
         norm = checkpoint_name(dora_weight_norm(w, a, b, self.scale, self.dtype), "dora_norm")  # [out]
         mag_scale = (self.lora_magnitude.get_value().astype(jnp.float32) / norm).astype(self.dtype)
-        base_d = base if xd is x else frozen_matmul(xd, w)
+        base_d = base if xd is x else quant_matmul(xd, w, self.matmul_impl)
         adapter = lora_matmul(xd, a, b, jnp.asarray(self.scale, self.dtype))
         delta = (mag_scale - 1) * base_d + mag_scale * adapter
         if lora_gate is not None:
@@ -349,27 +391,41 @@ class QLoRALinear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """``weight * x / sqrt(mean(x^2) + eps)``, normalized in float32 then cast back (as HF)."""
+    """``weight * x / sqrt(mean(x^2) + eps)``, normalized in float32 then cast back (as HF).
 
-    def __init__(self, dim: int, *, eps: float, param_dtype: Any = jnp.float32):
+    ``plus_one`` (gemma): the stored weight is an offset, ``(1 + weight)`` multiplies the float32
+    normalized ``x`` before the cast back (transformers' Gemma RMSNorm); it starts at zeros.
+    """
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: Any = jnp.float32, plus_one: bool = False):
         self.eps = eps
-        self.weight = BaseParam(jnp.ones((dim,), param_dtype))
+        self.plus_one = plus_one
+        self.weight = BaseParam((jnp.zeros if plus_one else jnp.ones)((dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (normed * (1.0 + self.weight.get_value().astype(jnp.float32))).astype(x.dtype)
         return self.weight.get_value().astype(x.dtype) * normed.astype(x.dtype)
 
 
 class Embedding(nnx.Module):
-    """Token embedding table ``weight [vocab, hidden]``; also the output head when tied."""
+    """Token embedding table ``weight [vocab, hidden]``; also the output head when tied.
 
-    def __init__(self, vocab_size: int, dim: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    ``scale`` (gemma: ``sqrt(hidden)``) multiplies the looked-up rows, as a compute-dtype number
+    (so bf16 compute rounds it as transformers' bf16 models do); the head is never scaled.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+                 scale: float | None = None):
         self.dtype = jnp.dtype(dtype)
+        self.scale = scale
         self.weight = BaseParam(_normal_init(rngs, (vocab_size, dim), param_dtype))
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.weight.get_value(), input_ids, axis=0).astype(self.dtype)
+        x = jnp.take(self.weight.get_value(), input_ids, axis=0).astype(self.dtype)
+        return x if self.scale is None else x * jnp.asarray(self.scale, self.dtype)
 
 
 class LMHead(nnx.Module):
@@ -379,19 +435,29 @@ class LMHead(nnx.Module):
         self.weight = BaseParam(_normal_init(rngs, (vocab_size, dim), param_dtype))
 
 
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)`` (gemma's logit soft-capping), in ``x``'s dtype; ``x`` when ``cap`` is None."""
+    if cap is None:
+        return x
+    return (cap * jnp.tanh(x / cap)).astype(x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Rotary position embeddings.
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
     """Inverse frequencies ``[head_dim / 2]`` (float32), with the config's rope scaling applied.
 
     Computed in float32 in the same order of operations as transformers, so that the angles, and
-    therefore long-position logits, agree closely.
+    therefore long-position logits, agree closely. ``local``: the sliding layers' rope
+    (``config.rope_local_theta``, unscaled; gemma3) when the config has one.
     """
     dim = config.head_dim
+    local = local and config.rope_local_theta is not None
+    theta = config.rope_local_theta if local else config.rope_theta
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
-    scaling = config.rope_scaling
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+    scaling = None if local else config.rope_scaling
     if scaling is None:
         return inv_freq
     if scaling.rope_type == "linear":
@@ -438,13 +504,17 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     return idx - jax.lax.cummax(starts, axis=1)
 
 
-def attention_mask(segment_ids: jax.Array | None, seq: int) -> jax.Array:
+def attention_mask(segment_ids: jax.Array | None, seq: int, *, sliding_window: int | None = None) -> jax.Array:
     """Boolean ``[batch or 1, 1, seq, seq]``: causal, and within one segment when packed.
 
     Padding (segment 0) attends only to earlier padding, so no row is fully masked (no NaNs) and
-    no real token ever sees padding.
+    no real token ever sees padding. ``sliding_window``: a query also sees only the last
+    ``sliding_window`` keys, itself included (transformers: ``kv_idx > q_idx - sliding_window``).
     """
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None]
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    if sliding_window is not None:
+        causal = causal & jnp.triu(jnp.ones((seq, seq), dtype=bool), k=1 - sliding_window)
+    causal = causal[None, None]
     if segment_ids is None:
         return causal
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
@@ -456,24 +526,90 @@ def attention_mask(segment_ids: jax.Array | None, seq: int) -> jax.Array:
 ATTENTION_BLOCK = 512
 
 
+def _target_platform() -> str:
+    """The platform the program is compiled for: the training step's mesh's (an ahead-of-time
+    compile for a TPU or GPU target runs on a CPU host), else the default backend's."""
+    mesh = _ACTIVATION_MESH.get()
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
+@functools.cache
+def _cudnn_found() -> bool:
+    """Whether jax finds the cuDNN library (jax[cuda12] installs it; a compile-only CUDA venv may
+    lack it, and "auto" then keeps the XLA path rather than fail)."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+
+        check_cudnn_version()
+        return True
+    except Exception:  # noqa: BLE001 - RuntimeError("cuDNN not found"), ImportError, ...
+        return False
+
+
+def attention_kernel(impl: str, q: jax.Array, logits_soft_cap: float | None = None) -> str | None:
+    """Which kernel replaces the masked attention: "splash", "cudnn" or None (the XLA path).
+
+    ``impl`` is ``ModelConfig.attention_impl``: "auto" picks splash on TPU and cuDNN on GPU (the
+    XLA path elsewhere: the CPU path stays the reference); "splash" and "cudnn" ask for one
+    (splash runs in Pallas' interpreter off TPU). The XLA path is kept where the kernel cannot
+    run: splash on several devices outside the training step (no mesh to ``shard_map`` over, e.g.
+    evaluation), and cuDNN for float32, a head dim above 128 or not a multiple of 8, or a soft cap.
+    """
+    platform = _target_platform()
+    if impl == "auto":
+        impl = "splash" if platform == "tpu" else "cudnn" if platform == "gpu" and _cudnn_found() else "jax"
+    if impl == "splash":
+        if _ACTIVATION_MESH.get() is None and jax.device_count() > 1:
+            return None
+        return "splash"
+    if impl == "cudnn":
+        d = q.shape[-1]
+        if q.dtype == jnp.float32 or d > 128 or d % 8 or logits_soft_cap is not None:
+            return None
+        if platform != "gpu":
+            raise ValueError(f"attention_impl='cudnn' needs a GPU target, not {platform!r}")
+        return "cudnn"
+    return None
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl: str = "jax",
-              causal: bool = False) -> jax.Array:
+              causal: bool = False, scale: float | None = None,
+              logits_soft_cap: float | None = None, use_kernel: bool = False,
+              segment_ids: jax.Array | None = None, sliding_window: int | None = None) -> jax.Array:
     """Scaled dot-product attention with grouped KV heads.
 
     ``q [b, t, heads, d]``, ``k, v [b, s, kv_heads, d]``, ``mask`` boolean broadcastable to
     ``[b, heads, t, s]`` -> ``[b, t, heads, d]``. Scores and softmax in float32.
 
-    ``causal=True`` says that ``mask`` is causal (``t == s``; segments may restrict it further):
-    longer sequences then run blockwise (:func:`causal_blockwise_attention`), never building
-    ``[b, heads, t, s]`` scores and skipping the blocks above the diagonal.
+    ``causal=True`` says that ``mask`` is causal (``t == s``; segments and a sliding window may
+    restrict it further): longer sequences then run blockwise (:func:`causal_blockwise_attention`),
+    never building ``[b, heads, t, s]`` scores and skipping the blocks above the diagonal.
+    ``scale``: the factor on ``q . k`` (default ``d ** -0.5``). ``logits_soft_cap`` (gemma2):
+    scores become ``cap * tanh(scores / cap)`` before masking; it takes the einsum path
+    (``jax.nn.dot_product_attention`` has no soft cap).
+
+    ``use_kernel=True`` says that ``mask`` is ``attention_mask(segment_ids, t, sliding_window=...)``:
+    an attention kernel (:func:`attention_kernel`) may then replace the masked path, computing
+    the same mask itself and never building ``[b, heads, t, s]`` scores (``mask`` is unused).
     """
+    kernel = attention_kernel(impl, q, logits_soft_cap) if use_kernel and causal and q.shape[1] == k.shape[1] else None
+    if kernel is not None:
+        kw = dict(scale=scale, sliding_window=sliding_window)
+        if kernel == "splash":
+            mesh = _ACTIVATION_MESH.get()
+            return attention_kernels.splash_attention(q, k, v, segment_ids, mesh=mesh, logits_soft_cap=logits_soft_cap,
+                                                      interpret=_target_platform() != "tpu", **kw)
+        return attention_kernels.cudnn_attention(q, k, v, segment_ids, **kw)
+    impl = impl if impl in ("jax", "einsum") else "jax"
+    kw = dict(impl=impl, scale=scale, logits_soft_cap=logits_soft_cap)
     if causal and q.shape[1] == k.shape[1] and q.shape[1] > ATTENTION_BLOCK:
-        return causal_blockwise_attention(q, k, v, mask, impl=impl)
-    return _dense_attention(q, k, v, mask, impl=impl)
+        return causal_blockwise_attention(q, k, v, mask, **kw)
+    return _dense_attention(q, k, v, mask, **kw)
 
 
 def causal_blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-                               impl: str = "jax", block: int = ATTENTION_BLOCK) -> jax.Array:
+                               impl: str = "jax", block: int = ATTENTION_BLOCK, scale: float | None = None,
+                               logits_soft_cap: float | None = None) -> jax.Array:
     """Causal attention one block of ``block`` query rows at a time, each over its key prefix.
 
     Query rows ``[i*block, (i+1)*block)`` can only see keys ``< (i+1)*block``, so block ``i``
@@ -484,7 +620,8 @@ def causal_blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: j
     get probability exactly 0 there) up to summation order.
     """
     t = q.shape[1]
-    dense = jax.checkpoint(functools.partial(_dense_attention, impl=impl))
+    dense = jax.checkpoint(functools.partial(_dense_attention, impl=impl, scale=scale,
+                                             logits_soft_cap=logits_soft_cap))
     outs = []
     for start in range(0, t, block):
         stop = min(t, start + block)
@@ -492,14 +629,16 @@ def causal_blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: j
     return jnp.concatenate(outs, axis=1)
 
 
-def _dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl: str) -> jax.Array:
-    scale = q.shape[-1] ** -0.5
-    if impl == "jax":
+def _dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl: str,
+                     scale: float | None = None, logits_soft_cap: float | None = None) -> jax.Array:
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if impl == "jax" and logits_soft_cap is None:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
     b, t, n, d = q.shape
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, n // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = soft_cap(scores, logits_soft_cap)
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from qlora_jax import lora as lora_lib
+from qlora_jax import lora_init
 from qlora_jax.errors import ModelFileError
 from qlora_jax.models.config import ModelConfig, QuantConfig
 from qlora_jax.models.layers import QuantParam, quantize_jit
@@ -181,6 +182,8 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
     placed: dict[tuple[str, ...], Any] = {}  # path -> jax.Array, or {field: jax.Array}
     seen: set[str] = set()
     unknown, repeated = [], []
+    # PiSSA / LoftQ: an adapted weight's stored base becomes its residual (lora_init.py).
+    svd_init = lora_init.BaseInitializer(model, lora) if lora is not None and lora_init.changes_base(lora.init) else None
 
     def place(name: str, value: np.ndarray) -> jax.Array:
         return jax.device_put(value, _leaf_sharding(mesh, shardings, name, value.shape))
@@ -206,6 +209,8 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
         var = variables[slot.path]
         abstract = var.get_value()
         stacked = slot.layer is not None
+        if svd_init is not None:
+            tensor = svd_init.base_tensor(name, slot.path, slot.layer, tensor, abstract)
         if isinstance(var, QuantParam):
             per_layer = {f: (getattr(abstract, f).shape[1 if stacked else 0:], getattr(abstract, f).dtype)
                          for f in _QUANT_FIELDS}
@@ -259,6 +264,8 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
 
     if lora is not None:
         lora_lib.init_adapters(model, lora, nnx.Rngs(rng_seed).lora())
+        if svd_init is not None:
+            svd_init.write_adapters(model)
         if mesh is not None:
             for path, var in variables.items():
                 if isinstance(var, lora_lib.LoRAParam):

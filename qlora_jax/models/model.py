@@ -1,5 +1,5 @@
-"""The LLaMA / Qwen decoder as a Flax NNX module, with frozen (optionally NF4) base weights and
-LoRA adapters.
+"""The LLaMA / Qwen / Mistral / Gemma 2-3 decoder as a Flax NNX module, with frozen (optionally
+NF4) base weights and LoRA adapters.
 
 Parameter tree (transformers names with the ``model.`` prefix dropped and the layer index moved
 into a leading axis of every decoder-layer array)::
@@ -11,8 +11,9 @@ into a leading axis of every decoder-layer array)::
     layers.self_attn.{q,k,v,o}_proj.lora_a      LoRAParam [L, r, in]      (if targeted)
     layers.self_attn.{q,k,v,o}_proj.lora_b      LoRAParam [L, out, r]     (if targeted)
     layers.self_attn.{q,k,v,o}_proj.lora_magnitude  LoRAParam [L, out]    (if targeted, DoRA)
-    layers.self_attn.{q,k}_norm.weight          BaseParam [L, head_dim]   (qwen3)
+    layers.self_attn.{q,k}_norm.weight          BaseParam [L, head_dim]   (qwen3, gemma3)
     layers.post_attention_layernorm.weight      BaseParam [L, hidden]
+    layers.{pre,post}_feedforward_layernorm.weight  BaseParam [L, hidden] (gemma: sandwich norms)
     layers.mlp.{gate,up,down}_proj.*            as the attention projections
     norm.weight                                 BaseParam [hidden]
     lm_head.weight                              BaseParam [vocab, hidden] (untied only)
@@ -23,7 +24,9 @@ quantized) or float32 [L, out, in/blocksize], ``nested_absmax`` float32 [L, n_ne
 per-layer ``(out, in)``.
 
 The decoder layers are stacked and run with ``jax.lax.scan``, so compile time does not grow with
-depth; ``config.remat_policy`` wraps each layer step in ``jax.checkpoint``. Incremental decoding
+depth; ``config.remat_policy`` wraps each layer step in ``jax.checkpoint``. Layers that differ
+(Gemma's sliding-window layers interleaved with global ones, Gemma 3's local rope base) are one
+scanned flag per layer that selects between two masks / rope tables built once, not Python branches. Incremental decoding
 (:meth:`CausalLM.decode`) runs the same scan with an explicit stacked KV cache in its carry
 (``models.kv_cache``).
 """
@@ -77,15 +80,20 @@ class Attention(nnx.Module):
             out_f, in_f = shapes[name]
             setattr(self, name, layers.QLoRALinear(
                 in_f, out_f, use_bias=config.linear_has_bias(name), quant=quant, lora=layer_lora[name],
-                dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+                dtype=dtype, param_dtype=param_dtype, rngs=rngs, matmul_impl=config.quant_matmul_impl))
         if config.qk_norm:
-            self.q_norm = layers.RMSNorm(config.head_dim, eps=config.rms_norm_eps, param_dtype=param_dtype)
-            self.k_norm = layers.RMSNorm(config.head_dim, eps=config.rms_norm_eps, param_dtype=param_dtype)
+            norm_kw = dict(eps=config.rms_norm_eps, param_dtype=param_dtype, plus_one=config.norm_plus_one)
+            self.q_norm = layers.RMSNorm(config.head_dim, **norm_kw)
+            self.k_norm = layers.RMSNorm(config.head_dim, **norm_kw)
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, *, cos, sin, mask, lora_kw: dict[str, dict], kv: tuple | None = None):
+    def __call__(self, x, *, cos, sin, mask, lora_kw: dict[str, dict], kv: tuple | None = None,
+                 kernel_kw: dict | None = None):
         """``x [b, s, hidden] -> [b, s, hidden]``.
+
+        ``kernel_kw`` (``use_kernel``, ``segment_ids``, ``sliding_window``): what ``mask`` was built
+        from, so that an attention kernel may replace it (``layers.attention``).
 
         ``kv = (k_all, v_all, layer, index)``: a stacked KV cache (see ``models.kv_cache``); the new
         keys and values are written at slots ``index..`` of ``layer``, the queries attend over that
@@ -102,14 +110,14 @@ class Attention(nnx.Module):
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
         if kv is not None:
             k_all, v_all, k, v = kv_cache.write_layer(*kv, k, v)
-        out = layers.attention(q, k, v, mask, impl=c.attention_impl,
-                               causal=kv is None)  # [b, s, heads, head_dim]
+        out = layers.attention(q, k, v, mask, impl=c.attention_impl, causal=kv is None, scale=c.attention_scale,
+                               logits_soft_cap=c.attn_logit_softcap, **(kernel_kw or {}))  # [b, s, heads, head_dim]
         out = self.o_proj(checkpoint_name(out.reshape(b, s, c.q_size), "attn_out"), **lora_kw["o_proj"])
         return out if kv is None else (out, (k_all, v_all))
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+    """Gated feed-forward: ``down(act(gate(x)) * up(x))``, SwiGLU (silu) or GeGLU (tanh GELU, gemma)."""
 
     def __init__(self, config: ModelConfig, layer_lora: dict[str, lora_lib.LoraConfig | None],
                  quant: QuantConfig | None, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
@@ -118,33 +126,54 @@ class MLP(nnx.Module):
             out_f, in_f = shapes[name]
             setattr(self, name, layers.QLoRALinear(
                 in_f, out_f, use_bias=config.linear_has_bias(name), quant=quant, lora=layer_lora[name],
-                dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+                dtype=dtype, param_dtype=param_dtype, rngs=rngs, matmul_impl=config.quant_matmul_impl))
+        self.gelu = config.hidden_act == "gelu_pytorch_tanh"
 
     def __call__(self, x, *, lora_kw: dict[str, dict]) -> jax.Array:
         gate = checkpoint_name(layers.shard_activation(self.gate_proj(x, **lora_kw["gate_proj"]), "tensor"), "gate_proj")
         up = checkpoint_name(layers.shard_activation(self.up_proj(x, **lora_kw["up_proj"]), "tensor"), "up_proj")
-        return self.down_proj(jax.nn.silu(gate) * up, **lora_kw["down_proj"])
+        act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
+        return self.down_proj(act * up, **lora_kw["down_proj"])
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual block: attention then MLP."""
+    """Pre-norm residual block: attention then MLP.
+
+    With ``config.sandwich_norms`` (gemma) the attention and MLP outputs are normed too before
+    each residual add: ``post_attention_layernorm`` then norms the attention output and
+    ``pre_feedforward_layernorm`` the MLP input (transformers' names).
+    """
 
     def __init__(self, config: ModelConfig, layer_lora: dict[str, lora_lib.LoraConfig | None],
                  quant: QuantConfig | None, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        eps = config.rms_norm_eps
-        self.input_layernorm = layers.RMSNorm(config.hidden_size, eps=eps, param_dtype=param_dtype)
-        self.self_attn = Attention(config, layer_lora, quant, dtype, param_dtype, rngs)
-        self.post_attention_layernorm = layers.RMSNorm(config.hidden_size, eps=eps, param_dtype=param_dtype)
-        self.mlp = MLP(config, layer_lora, quant, dtype, param_dtype, rngs)
+        def norm():
+            return layers.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype,
+                                  plus_one=config.norm_plus_one)
 
-    def __call__(self, h, *, cos, sin, mask, lora_kw: dict[str, dict], kv: tuple | None = None):
+        self.input_layernorm = norm()
+        self.self_attn = Attention(config, layer_lora, quant, dtype, param_dtype, rngs)
+        self.post_attention_layernorm = norm()
+        self.mlp = MLP(config, layer_lora, quant, dtype, param_dtype, rngs)
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+        else:
+            self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
+
+    def __call__(self, h, *, cos, sin, mask, lora_kw: dict[str, dict], kv: tuple | None = None,
+                 kernel_kw: dict | None = None):
         """``h -> h``; with a KV cache ``kv`` (see :class:`Attention`) ``-> (h, (k_all, v_all))``."""
         h = layers.shard_activation(h)  # the residual stream: batch over (data, fsdp) in training
-        attn = self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, mask=mask, lora_kw=lora_kw, kv=kv)
+        attn = self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, mask=mask, lora_kw=lora_kw, kv=kv,
+                              kernel_kw=kernel_kw)
         if kv is not None:
             attn, kv = attn
+        if self.pre_feedforward_layernorm is not None:  # sandwich norms (gemma)
+            attn = self.post_attention_layernorm(attn)
         h = checkpoint_name(layers.shard_activation(h + attn), "attn_residual")  # saved: o_proj is not rerun
-        h = h + self.mlp(self.post_attention_layernorm(h), lora_kw=lora_kw)
+        if self.pre_feedforward_layernorm is None:
+            h = h + self.mlp(self.post_attention_layernorm(h), lora_kw=lora_kw)
+        else:
+            h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), lora_kw=lora_kw))
         return h if kv is None else (h, kv)
 
 
@@ -208,7 +237,8 @@ class CausalLM(nnx.Module):
         layer_lora = {p: (lora if any(masks[p]) else None) for p in lora_lib.PROJECTIONS}
 
         self.embed_tokens = layers.Embedding(config.vocab_size, config.hidden_size, dtype=self.dtype,
-                                             param_dtype=self.param_dtype, rngs=rngs)
+                                             param_dtype=self.param_dtype, rngs=rngs,
+                                             scale=config.hidden_size ** 0.5 if config.embed_scale else None)
 
         @nnx.split_rngs(splits=n)
         @nnx.vmap(in_axes=0, out_axes=0)
@@ -216,7 +246,8 @@ class CausalLM(nnx.Module):
             return DecoderLayer(config, layer_lora, quant, self.dtype, self.param_dtype, rngs)
 
         self.layers = make_layers(rngs)
-        self.norm = layers.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=self.param_dtype)
+        self.norm = layers.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=self.param_dtype,
+                                   plus_one=config.norm_plus_one)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -255,8 +286,9 @@ class CausalLM(nnx.Module):
         return head.weight.get_value().astype(self.dtype)
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
-        """``[..., hidden] -> [..., vocab]`` in the compute dtype."""
-        return jnp.einsum("...d,vd->...v", h.astype(self.dtype), self.lm_head_weight())
+        """``[..., hidden] -> [..., vocab]`` in the compute dtype (soft-capped when the config says so)."""
+        logits = jnp.einsum("...d,vd->...v", h.astype(self.dtype), self.lm_head_weight())
+        return layers.soft_cap(logits, self.config.final_logit_softcap)
 
     def _forward(self, input_ids, positions, segment_ids, lora_enabled, deterministic, rngs, output):
         use_lora = bool(lora_enabled) and self.lora_config is not None
@@ -298,17 +330,31 @@ class CausalLM(nnx.Module):
         """
         c = self.config
         batch, seq = input_ids.shape
+        sliding = c.sliding_layers
+        window = c.sliding_window if any(sliding) else None
+
+        def make_mask(sliding_window):
+            if cache is not None:
+                return cache.attention_mask(seq, sliding_window=sliding_window)
+            return layers.attention_mask(segment_ids, seq, sliding_window=sliding_window)
+
         if cache is not None:
             positions = cache.positions(seq)
-            mask = cache.attention_mask(seq)
-        else:
-            if positions is None:
-                if segment_ids is not None:
-                    positions = layers.positions_from_segments(segment_ids)
-                else:
-                    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-            mask = layers.attention_mask(segment_ids, seq)
+        elif positions is None:
+            if segment_ids is not None:
+                positions = layers.positions_from_segments(segment_ids)
+            else:
+                positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        mask = make_mask(window if all(sliding) else None)
         cos, sin = layers.rope_cos_sin(positions, layers.rope_inv_freq(c), self.dtype)
+        # Interleaved sliding / global layers (gemma): both masks (and, with gemma3's local rope
+        # base, both rope tables) are built once; each scanned layer selects by its "sliding" flag.
+        mixed = any(sliding) and not all(sliding)
+        local_rope = any(sliding) and c.rope_local_theta is not None
+        if mixed:
+            local_mask = make_mask(window)
+        if local_rope:
+            local_cos, local_sin = layers.rope_cos_sin(positions, layers.rope_inv_freq(c, local=True), self.dtype)
 
         xs: dict[str, Any] = {}  # per-layer inputs scanned alongside the layer weights
         if dropout_key is not None:
@@ -319,6 +365,15 @@ class CausalLM(nnx.Module):
                 xs["gates"] = {p: jnp.asarray(m, self.dtype) for p, m in partial.items()}
         if cache is not None:
             xs["layer"] = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
+        if mixed or local_rope:
+            xs["sliding"] = jnp.asarray(sliding)
+
+        # Attention kernels (splash, cuDNN) build this mask themselves from the segment ids; not with
+        # the KV cache, nor with interleaved sliding/global layers (their window is a per-layer flag).
+        kernel_kw = None
+        if cache is None and not mixed:
+            kernel_kw = dict(use_kernel=True, segment_ids=segment_ids,
+                             sliding_window=window if all(sliding) else None)
 
         graphdef, layer_state = nnx.split(self.layers)
 
@@ -333,11 +388,18 @@ class CausalLM(nnx.Module):
                 if p in extra.get("gates", {}):
                     kw["lora_gate"] = extra["gates"][p]
                 lora_kw[p] = kw
+            mask_i, cos_i, sin_i = mask, cos, sin
+            if "sliding" in extra:
+                if mixed:
+                    mask_i = jnp.where(extra["sliding"], local_mask, mask)
+                if local_rope:
+                    cos_i = jnp.where(extra["sliding"], local_cos, cos)
+                    sin_i = jnp.where(extra["sliding"], local_sin, sin)
             if cache is None:
-                return layer(carry, cos=cos, sin=sin, mask=mask, lora_kw=lora_kw), None
+                return layer(carry, cos=cos_i, sin=sin_i, mask=mask_i, lora_kw=lora_kw, kernel_kw=kernel_kw), None
             h, (k_all, v_all) = carry
             kv = (k_all, v_all, extra["layer"], cache.index)
-            return layer(h, cos=cos, sin=sin, mask=mask, lora_kw=lora_kw, kv=kv), None
+            return layer(h, cos=cos_i, sin=sin_i, mask=mask_i, lora_kw=lora_kw, kv=kv), None
 
         if c.remat_policy != "none" and cache is None:
             step = jax.checkpoint(step, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)

@@ -1,7 +1,8 @@
 """Every parameter of the model, declared once: HF ``[out, in]`` shape, dtype role, logical axes.
 
 ``WEIGHTS`` is the declaration: one entry per weight of the model (the embedding, each decoder
-layer's norms, 7 projections and Qwen3's ``q_norm`` / ``k_norm``, the final norm, ``lm_head``),
+layer's norms (four with gemma's sandwich norms), 7 projections and Qwen3's / Gemma 3's
+``q_norm`` / ``k_norm``, the final norm, ``lm_head``),
 giving its shape as ``ModelConfig`` attribute names, the logical name of each dimension and
 whether it lives in the stacked (scanned) decoder. The arrays a weight is stored as follow from
 its kind (``LEAVES``): a linear has a ``bias`` on its out axis, LoRA adapters ``lora_a [r, in]``
@@ -89,6 +90,9 @@ WEIGHTS: dict[str, Weight] = {
     "layers.self_attn.q_norm": _norm("head_dim", stacked=True, present=lambda c: c.qk_norm),
     "layers.self_attn.k_norm": _norm("head_dim", stacked=True, present=lambda c: c.qk_norm),
     "layers.post_attention_layernorm": _norm("hidden_size", stacked=True),
+    # gemma: post_attention_layernorm norms the attention output, these two the MLP's input / output.
+    "layers.pre_feedforward_layernorm": _norm("hidden_size", stacked=True, present=lambda c: c.sandwich_norms),
+    "layers.post_feedforward_layernorm": _norm("hidden_size", stacked=True, present=lambda c: c.sandwich_norms),
     "layers.mlp.gate_proj": _proj("intermediate_size", "hidden_size", ("mlp", "embed")),
     "layers.mlp.up_proj": _proj("intermediate_size", "hidden_size", ("mlp", "embed")),
     "layers.mlp.down_proj": _proj("hidden_size", "intermediate_size", ("embed", "mlp")),
@@ -276,7 +280,7 @@ def count_params(config: ModelConfig, lora: LoraConfig | None = None) -> ParamCo
     h, n = config.hidden_size, config.num_hidden_layers
     linear_weights = n * sum(o * i for o, i in shapes.values())
     biases = n * sum(o for p, (o, _) in shapes.items() if config.linear_has_bias(p))
-    norms = n * (2 * h + (2 * config.head_dim if config.qk_norm else 0)) + h
+    norms = n * ((4 if config.sandwich_norms else 2) * h + (2 * config.head_dim if config.qk_norm else 0)) + h
     embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     adapters = 0
     if lora is not None:

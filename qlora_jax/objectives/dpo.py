@@ -103,7 +103,8 @@ def sequence_logps(graphdef, lora, rest, batch, *, lora_enabled: bool = True, ke
                    deterministic: bool = True) -> jax.Array:
     """Summed completion log-prob of every row: float32 [rows]."""
     model, h = forward(graphdef, lora, rest, batch, lora_enabled=lora_enabled, key=key, deterministic=deterministic)
-    return sequence_logprob(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"])
+    return sequence_logprob(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"],
+                            logit_soft_cap=model.config.final_logit_softcap)
 
 
 def pair_sums(policy_logps, ref_logps, completion_lengths, *, beta: float, loss_type: str, label_smoothing: float):

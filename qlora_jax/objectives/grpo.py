@@ -171,9 +171,12 @@ def grpo_loss(token_loss: jax.Array, mask: jax.Array, *, loss_type: str, max_com
     return num / jnp.maximum(w[WEIGHT_KEYS[loss_type]], 1.0)
 
 
-def _chunk_logps(h: jax.Array, w: jax.Array, t: jax.Array, temperature: float) -> jax.Array:
-    """log softmax(h @ w.T / temperature)[t]: h [c, d], w [v, d], t [c] -> [c] float32."""
+def _chunk_logps(h: jax.Array, w: jax.Array, t: jax.Array, temperature: float,
+                 logit_soft_cap: float | None = None) -> jax.Array:
+    """log softmax(cap(h @ w.T) / temperature)[t]: h [c, d], w [v, d], t [c] -> [c] float32."""
     logits = jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32)
+    if logit_soft_cap is not None:  # gemma2's final soft cap, as logits_from_hidden applies it
+        logits = logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
     if temperature != 1.0:
         logits = logits / temperature
     picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
@@ -181,7 +184,8 @@ def _chunk_logps(h: jax.Array, w: jax.Array, t: jax.Array, temperature: float) -
 
 
 def completion_logps(hidden: jax.Array, head_weight: jax.Array, completion_ids: jax.Array, *,
-                     temperature: float = 1.0, chunk_size: int = 256) -> jax.Array:
+                     temperature: float = 1.0, chunk_size: int = 256,
+                     logit_soft_cap: float | None = None) -> jax.Array:
     """Per-token log-probs of the completion tokens: float32 ``[rows, C]``.
 
     ``hidden [rows, C, d]``: the final hidden states at the positions that *predict* the completion
@@ -197,7 +201,8 @@ def completion_logps(hidden: jax.Array, head_weight: jax.Array, completion_ids: 
     pad = n_chunks * chunk - n
     h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(n_chunks, chunk, d)
     t = jnp.pad(completion_ids.reshape(n), (0, pad)).reshape(n_chunks, chunk)
-    body = jax.checkpoint(lambda hc, tc: _chunk_logps(hc, head_weight, tc, temperature), prevent_cse=False)
+    body = jax.checkpoint(lambda hc, tc: _chunk_logps(hc, head_weight, tc, temperature, logit_soft_cap),
+                          prevent_cse=False)
     out = jax.lax.map(lambda ht: body(ht[0], ht[1]), (h, t))
     return out.reshape(-1)[:n].reshape(rows, c)
 
@@ -247,7 +252,7 @@ def policy_logps(graphdef, lora, rest, batch, *, lora_enabled: bool = True, key=
     c = batch["completion_ids"].shape[-1]
     p = batch["input_ids"].shape[-1] - c
     return completion_logps(h[:, p - 1:p - 1 + c], model.lm_head_weight(), batch["completion_ids"],
-                            temperature=temperature)
+                            temperature=temperature, logit_soft_cap=model.config.final_logit_softcap)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,34 +6,48 @@ hidden states and the head weight and work through the tokens in chunks. Each ch
 with respect to the hidden states is formed in the forward pass (a fused linear cross-entropy),
 so logits are neither kept for, nor recomputed in, the backward pass; chunks holding no loss
 position are skipped.
+
+``logit_soft_cap`` (gemma2's ``final_logit_softcapping``): the logits are ``cap * tanh(z / cap)``
+of the projection ``z``, as ``CausalLM.logits_from_hidden`` computes them; pass
+``model.config.final_logit_softcap``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 
-def _chunk_nll(h: jax.Array, w: jax.Array, t: jax.Array) -> jax.Array:
+def _capped(z: jax.Array, cap: float | None) -> jax.Array:
+    return z if cap is None else cap * jnp.tanh(z / cap)
+
+
+def _chunk_nll(h: jax.Array, w: jax.Array, t: jax.Array, cap: float | None = None) -> jax.Array:
     """-log softmax(h @ w.T)[t] for one chunk. h [c, d], w [v, d], t [c] -> [c] float32."""
-    logits = jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32)
+    logits = _capped(jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32), cap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
     return lse - picked
 
 
-def _chunk_nll_and_grad(h: jax.Array, w: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(nll [c], d nll / d h [c, d])`` for one chunk: the gradient is ``(softmax - onehot(t)) @ w``."""
-    logits = jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32)
+def _chunk_nll_and_grad(h: jax.Array, w: jax.Array, t: jax.Array,
+                        cap: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(nll [c], d nll / d h [c, d])`` for one chunk: the gradient is ``(softmax - onehot(t)) @ w``
+    (times the soft cap's derivative ``1 - tanh^2`` when capped)."""
+    logits = _capped(jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32), cap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
     p = jnp.exp(logits - lse[:, None])
     p = p - jax.nn.one_hot(t, p.shape[-1], dtype=p.dtype)
+    if cap is not None:
+        p = p * (1.0 - jnp.square(logits / cap))
     dh = jnp.einsum("cv,vd->cd", p.astype(w.dtype), w, preferred_element_type=jnp.float32)
     return lse - picked, dh.astype(h.dtype)
 
 
-def _map_chunks(h, w, t, live, with_grad: bool):
+def _map_chunks(h, w, t, live, with_grad: bool, cap: float | None = None):
     """Per-chunk NLL (and its gradient) over ``[n_chunks, c, ...]``; a chunk with no live position
     skips its vocabulary projection (``lax.cond``)."""
     c, d = h.shape[1], h.shape[2]
@@ -42,22 +56,22 @@ def _map_chunks(h, w, t, live, with_grad: bool):
         hc, tc, lc = args
         if with_grad:
             skip = lambda: (jnp.zeros(c, jnp.float32), jnp.zeros((c, d), h.dtype))  # noqa: E731
-            return jax.lax.cond(jnp.any(lc), lambda: _chunk_nll_and_grad(hc, w, tc), skip)
-        return jax.lax.cond(jnp.any(lc), lambda: _chunk_nll(hc, w, tc), lambda: jnp.zeros(c, jnp.float32))
+            return jax.lax.cond(jnp.any(lc), lambda: _chunk_nll_and_grad(hc, w, tc, cap), skip)
+        return jax.lax.cond(jnp.any(lc), lambda: _chunk_nll(hc, w, tc, cap), lambda: jnp.zeros(c, jnp.float32))
 
     return jax.lax.map(one, (h, t, live))
 
 
-@jax.custom_vjp
-def _chunked_nll(h: jax.Array, w: jax.Array, t: jax.Array, live: jax.Array) -> jax.Array:
-    return _map_chunks(h, w, t, live, with_grad=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_nll(h: jax.Array, w: jax.Array, t: jax.Array, live: jax.Array, cap: float | None) -> jax.Array:
+    return _map_chunks(h, w, t, live, with_grad=False, cap=cap)
 
 
-def _chunked_nll_fwd(h, w, t, live):
-    return _map_chunks(h, w, t, live, with_grad=True)  # (nll, residual dh)
+def _chunked_nll_fwd(h, w, t, live, cap):
+    return _map_chunks(h, w, t, live, with_grad=True, cap=cap)  # (nll, residual dh)
 
 
-def _chunked_nll_bwd(dh, g):
+def _chunked_nll_bwd(cap, dh, g):
     # d loss / d h = g * (softmax - onehot) @ w, with the second factor computed in the forward
     # pass. The head weight is frozen (tied embedding or lm_head): no gradient for it.
     return (g[..., None].astype(dh.dtype) * dh, None, None, None)
@@ -66,7 +80,7 @@ def _chunked_nll_bwd(dh, g):
 _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
-def _ordered_nll(hidden, head_weight, targets, loss_mask, chunk_size):
+def _ordered_nll(hidden, head_weight, targets, loss_mask, chunk_size, cap=None):
     """Per-token NLL ``[batch, seq]`` float32, zero where ``loss_mask`` is 0 (all live if None).
 
     Live positions are gathered first (a stable argsort), cut into chunks of ``chunk_size``, and
@@ -94,7 +108,7 @@ def _ordered_nll(hidden, head_weight, targets, loss_mask, chunk_size):
     h = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, d)
     t = jnp.pad(t, (0, pad)).reshape(n_chunks, chunk)
     live = jnp.pad(live, (0, pad)).reshape(n_chunks, chunk)
-    nll = (_chunked_nll(h, head_weight, t, live) * live).reshape(-1)[:n]
+    nll = (_chunked_nll(h, head_weight, t, live, cap) * live).reshape(-1)[:n]
     if order is not None:
         nll = jnp.zeros_like(nll).at[order].set(nll)
     return nll.reshape(b, s)
@@ -107,6 +121,7 @@ def token_nll(
     loss_mask: jax.Array | None = None,
     *,
     chunk_size: int = 512,
+    logit_soft_cap: float | None = None,
 ) -> jax.Array:
     """Per-token negative log-likelihood, float32 [batch, seq].
 
@@ -117,7 +132,7 @@ def token_nll(
                  for a chunk made only of such positions.
     The full [batch, seq, vocab] logits never exist: ``chunk_size`` tokens at a time.
     """
-    return _ordered_nll(hidden, head_weight, targets, loss_mask, chunk_size)
+    return _ordered_nll(hidden, head_weight, targets, loss_mask, chunk_size, logit_soft_cap)
 
 
 def masked_nll_sum(
@@ -127,6 +142,7 @@ def masked_nll_sum(
     loss_mask: jax.Array,
     *,
     chunk_size: int = 512,
+    logit_soft_cap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of NLL over masked tokens, number of masked tokens), both float32 scalars.
 
@@ -134,7 +150,7 @@ def masked_nll_sum(
     equally across micro-batches: loss = sum_i nll_i / sum_i count_i.
     """
     mask = jnp.asarray(loss_mask).astype(jnp.float32)
-    nll = _ordered_nll(hidden, head_weight, targets, mask, chunk_size)
+    nll = _ordered_nll(hidden, head_weight, targets, mask, chunk_size, logit_soft_cap)
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
@@ -145,6 +161,7 @@ def sequence_logprob(
     loss_mask: jax.Array,
     *,
     chunk_size: int = 512,
+    logit_soft_cap: float | None = None,
 ) -> jax.Array:
     """Sum over masked positions of log p(target), per sequence: [batch] float32 (for DPO).
 
@@ -152,4 +169,4 @@ def sequence_logprob(
     is most of a sequence, carries no loss).
     """
     mask = jnp.asarray(loss_mask).astype(jnp.float32)
-    return -jnp.sum(_ordered_nll(hidden, head_weight, targets, mask, chunk_size) * mask, axis=-1)
+    return -jnp.sum(_ordered_nll(hidden, head_weight, targets, mask, chunk_size, logit_soft_cap) * mask, axis=-1)

@@ -160,12 +160,13 @@ def nll_mask(batch: dict[str, jax.Array], *, nll_on_prompt: bool) -> jax.Array:
 
 
 def row_terms(hidden: jax.Array, head_weight: jax.Array, batch: dict[str, jax.Array], *,
-              nll_on_prompt: bool = False) -> RowTerms:
+              nll_on_prompt: bool = False, logit_soft_cap: float | None = None) -> RowTerms:
     """Completion log-probs and the NLL term's sums from final hidden states ``[rows, seq, d]``; the
     vocabulary projection is paid only on completion tokens (and the chosen prompts for ORPO)."""
     completion = batch["loss_mask"] > 0
     nll_on = nll_mask(batch, nll_on_prompt=nll_on_prompt)
-    nll = token_nll(hidden, head_weight, batch["targets"], completion | nll_on)  # [rows, seq], 0 elsewhere
+    nll = token_nll(hidden, head_weight, batch["targets"], completion | nll_on,
+                    logit_soft_cap=logit_soft_cap)  # [rows, seq], 0 elsewhere
     f32 = jnp.float32
     return RowTerms(-jnp.sum(nll * completion, -1), jnp.sum(completion.astype(f32), -1),
                     jnp.sum(nll * nll_on, -1), jnp.sum(nll_on.astype(f32), -1))
@@ -195,10 +196,11 @@ class _ReferenceFree:
     def sums(self, graphdef, lora, rest, batch, *, key=None, deterministic=True):
         """(summed loss, summed statistics) of a pair batch under the given adapters."""
         model, h = forward(graphdef, lora, rest, batch, key=key, deterministic=deterministic)
-        return self.sums_from_hidden(h, model.lm_head_weight(), batch)
+        return self.sums_from_hidden(h, model.lm_head_weight(), batch, logit_soft_cap=model.config.final_logit_softcap)
 
-    def sums_from_hidden(self, hidden, head_weight, batch):
-        return self.pair_sums(row_terms(hidden, head_weight, batch, nll_on_prompt=self.nll_on_prompt))
+    def sums_from_hidden(self, hidden, head_weight, batch, *, logit_soft_cap=None):
+        return self.pair_sums(row_terms(hidden, head_weight, batch, nll_on_prompt=self.nll_on_prompt,
+                                        logit_soft_cap=logit_soft_cap))
 
     def pair_sums(self, rows: RowTerms) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(sum over live pairs of the loss, statistics); the NLL term enters as ``pairs * NLL``."""

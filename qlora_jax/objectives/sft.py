@@ -34,7 +34,8 @@ def nll_sums(graphdef: Any, lora: Any, rest: Any, batch: dict[str, jax.Array], *
              deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     """(summed NLL of the loss tokens, number of loss tokens) of a token batch."""
     model, h = forward(graphdef, lora, rest, batch, key=key, deterministic=deterministic)
-    return masked_nll_sum(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"])
+    return masked_nll_sum(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"],
+                          logit_soft_cap=model.config.final_logit_softcap)
 
 
 SFT = SFTObjective()

@@ -104,8 +104,11 @@ TARGETS = {
 
 PIP_LINE = 'pip install "jax[tpu]=={version}"'
 NVCC_WHEEL = "nvidia-cuda-nvcc-cu12==12.9.86"  # ptxas; the Makefile's .venv-cuda pins the same
+# cuDNN: attention_impl "auto"/"cudnn" lowers to its fused attention only where jax finds the
+# library (else the XLA path); the Makefile's .venv-cuda pins the same.
+CUDNN_WHEEL = "nvidia-cudnn-cu12==9.28.0.42"
 CUDA_PIP_LINE = ('pip install "jax-cuda12-plugin=={version}" "jax-cuda12-pjrt=={version}" '
-                 f'"{NVCC_WHEEL}"')
+                 f'"{NVCC_WHEEL}" "{CUDNN_WHEEL}"')
 
 
 class PlanError(UserError):
@@ -126,6 +129,8 @@ class StepMemory:
     arguments: int = 0  # bytes per chip
     temporaries: int = 0
     outputs: int = 0
+    host_arguments: int = 0  # bytes per chip held in host memory (optim.offload), not counted above
+    note: str = ""
     required: int = 0  # bytes the compiler said it needed, when it ran out of memory
     compile_s: float = 0.0
     error: str = ""
@@ -236,10 +241,19 @@ class StepSpec:
     optimizer: dict
     offload: bool = False
     frozen_layout: str = ""  # "auto" | "default"; "": as the trainer picks it (loop.frozen_layout_for)
+    attention_impl: str = "auto"  # ModelConfig.attention_impl
+    quant_matmul_impl: str = "auto"  # ModelConfig.quant_matmul_impl
 
 
 def compile_step(spec: StepSpec, devices: list[Any]):
     """Lower and compile the trainer's step for ``devices``; returns the compiled executable."""
+    step, args = step_arguments(spec, devices)
+    return step.lower(*args).compile()
+
+
+def step_arguments(spec: StepSpec, devices: list[Any]):
+    """``(train_step, abstract arguments)``: the trainer's jit'd step for ``devices`` and
+    ``ShapeDtypeStruct``s with their shardings (and memory kinds) to lower it with."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -248,7 +262,8 @@ def compile_step(spec: StepSpec, devices: list[Any]):
     from qlora_jax.train import loop, sharding
     from qlora_jax.train.optim import make_optimizer
 
-    config = ModelConfig.from_hf(spec.hf_config, remat_policy=spec.remat)
+    config = ModelConfig.from_hf(spec.hf_config, remat_policy=spec.remat, attention_impl=spec.attention_impl,
+                                 quant_matmul_impl=spec.quant_matmul_impl)
     data, fsdp, tensor = spec.mesh
     mesh = sharding.make_mesh(data, fsdp, tensor, devices=devices)
     abstract = nnx.eval_shape(lambda: CausalLM(config, lora=spec.lora, quant=spec.quant, dtype=spec.dtype,
@@ -261,7 +276,8 @@ def compile_step(spec: StepSpec, devices: list[Any]):
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=fns.batch_sharding)
              for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
-    return fns.train_step.lower(lora_state, opt, rest, batch, key).compile()
+    return fns.train_step, (lora_state, opt, rest, batch, key)
+
 
 
 def _frozen_layout(spec: StepSpec, platform: str) -> str:
@@ -278,9 +294,14 @@ def measure(spec: StepSpec, target: Target, devices: list[Any]) -> StepMemory:
     """Compile ``spec`` for ``target``: per-chip memory, or the out-of-memory figure."""
     out = StepMemory(target.name, spec.mesh, spec.micro_batch, spec.grad_accum, spec.seq, spec.remat,
                      spec.dtype, fits=False, frozen_layout=_frozen_layout(spec, target.platform))
+    if spec.offload and target.platform == "cuda":
+        # Compile-only GPU devices have no host memory space: with_memory_kind("pinned_host") gives
+        # no memory kind, so the step compiles with the optimizer state on the device.
+        out.note = "optim.offload not compiled: a compile-only GPU has no host memory; figures without it"
     t0 = time.perf_counter()
+    step, args = step_arguments(spec, devices)
     try:
-        compiled = compile_step(spec, devices)
+        compiled = step.lower(*args).compile()
     except Exception as e:  # noqa: BLE001 - XLA raises its own runtime error type
         out.compile_s = time.perf_counter() - t0
         if not _OOM.search(str(e)):
@@ -293,6 +314,7 @@ def measure(spec: StepSpec, target: Target, devices: list[Any]) -> StepMemory:
     out.compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     out.arguments, out.temporaries = mem.argument_size_in_bytes, mem.temp_size_in_bytes
+    out.host_arguments = mem.host_argument_size_in_bytes
     out.outputs = mem.output_size_in_bytes
     out.fits = target.available_gib == 0 or out.total <= target.available_gib * GIB
     return out
@@ -323,7 +345,9 @@ def spec_from_config(cfg, target: Target, *, keep_dtype: bool = False) -> StepSp
     return StepSpec(hf_config=hf, lora=lora, quant=quant, dtype=dtype, param_dtype=param_dtype,
                     remat=cfg.model.remat, micro_batch=rows, grad_accum=cfg.train.grad_accum,
                     seq=cfg.data.max_length, mesh=(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor),
-                    optimizer=optimizer, offload=bool(cfg.optim.offload))
+                    optimizer=optimizer, offload=bool(cfg.optim.offload),
+                    attention_impl=cfg.model.get("attention_impl", "auto"),
+                    quant_matmul_impl=cfg.model.get("quant_matmul_impl", "auto"))
 
 
 def resolve_mesh(mesh: tuple[int, int, int], n: int) -> tuple[int, int, int]:
@@ -402,8 +426,10 @@ def _line(m: StepMemory, target: Target) -> str:
         return head + f"DOES NOT FIT ({need}; {target.available_gib:g} GiB usable) [{m.compile_s:.0f} s]"
     cap = f" of {target.available_gib:g} GiB" if target.available_gib else ""
     verdict = "fits" if m.fits else "DOES NOT FIT"
+    host = f" (+ {_gib(m.host_arguments)} in host memory)" if m.host_arguments else ""
     return (head + f"arguments {_gib(m.arguments)} + temporaries {_gib(m.temporaries)} = {_gib(m.total)}"
-            f"{cap} per chip: {verdict} [{m.compile_s:.0f} s]")
+            f"{cap} per chip{host}: {verdict} [{m.compile_s:.0f} s]" + (f" ({m.note})" if m.note else ""))
 
 
-__all__ = ["TARGETS", "StepMemory", "StepSpec", "Target", "compile_step", "fit", "measure", "spec_from_config"]
+__all__ = ["TARGETS", "StepMemory", "StepSpec", "Target", "compile_step", "fit", "measure", "spec_from_config",
+           "step_arguments"]

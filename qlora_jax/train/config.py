@@ -13,6 +13,7 @@ section a :class:`~qlora_jax.lora.LoraConfig`). Nothing below the trainer's entr
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -20,36 +21,44 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
+from qlora_jax import lora_init
 from qlora_jax.data.sources import _looks_like_path, _resolve_files
 from qlora_jax.errors import UserError, check_output_dir
 from qlora_jax.lora import ALL_LINEAR, LoraConfig
-from qlora_jax.models.config import REMAT_POLICIES
+from qlora_jax.models.config import ATTENTION_IMPLS, QUANT_MATMUL_IMPLS, REMAT_POLICIES
 from qlora_jax.objectives import grpo as grpo_lib
 from qlora_jax.objectives import rewards as rewards_lib
 from qlora_jax.objectives.dpo import LOSS_TYPES
+from qlora_jax.objectives.kto import LOSS_TYPES as KTO_LOSS_TYPES
 from qlora_jax.objectives.preference import CPO_LOSS_TYPES
 
-OBJECTIVES = ("sft", "dpo", "orpo", "cpo", "grpo")
+OBJECTIVES = ("sft", "dpo", "orpo", "cpo", "kto", "grpo")
 PREFERENCE_OBJECTIVES = ("dpo", "orpo", "cpo")  # pair data, chosen and rejected rows in one batch
+UNPAIRED_OBJECTIVES = ("kto",)  # labelled (prompt, completion) rows (pairs are unpaired on reading)
 CHOICES = {
     "objective": OBJECTIVES,
     "dpo.loss_type": LOSS_TYPES,
     "cpo.loss_type": CPO_LOSS_TYPES,
+    "kto.loss_type": KTO_LOSS_TYPES,
+    "kto.reference": ("auto", "base", "init"),
     "dpo.reference": ("auto", "base", "init"),
     "model.quantize": ("nf4", "fp4", "none"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": REMAT_POLICIES,
-    "lora.init": ("gaussian", "peft"),
+    "model.attention_impl": ATTENTION_IMPLS,
+    "model.quant_matmul_impl": QUANT_MATMUL_IMPLS,
     "lora.use_dora": (False, True),
     "data.format": ("auto", "alpaca", "chat", "prompt_completion"),
     "optim.schedule": ("cosine", "linear", "constant"),
+    "train.wandb_mode": ("online", "offline"),
 }
-POSITIVE = ("dpo.beta", "orpo.beta", "cpo.beta", "lora.r", "train.batch_size", "train.grad_accum", "data.max_length",
+POSITIVE = ("dpo.beta", "orpo.beta", "cpo.beta", "kto.beta", "lora.r", "lora.loftq_iter", "train.batch_size", "train.grad_accum", "data.max_length",
             "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "model.blocksize")
 FRACTIONS = ("lora.dropout", "optim.warmup_ratio")
 NON_NEGATIVE = ("optim.lr", "optim.weight_decay", "optim.max_grad_norm", "optim.loraplus_lr_ratio", "lora.init_std",
-                "train.epochs", "train.early_stopping_patience", "cpo.cpo_alpha", "cpo.simpo_gamma")
+                "train.epochs", "train.early_stopping_patience", "cpo.cpo_alpha", "cpo.simpo_gamma",
+                "kto.desirable_weight", "kto.undesirable_weight")
 
 
 class ConfigError(UserError):
@@ -87,13 +96,32 @@ def validate_config(cfg: ConfigDict) -> None:
     steps, epochs = _get(cfg, "train.max_steps"), _get(cfg, "train.epochs")
     if steps is not None and steps <= 0 and not (epochs and epochs > 0):
         errors.append("config.train.max_steps <= 0 needs config.train.epochs > 0")
+    errors += _lora_init_errors(cfg)
     if _get(cfg, "data.train") in (None, ""):
         errors.append("config.data.train: a training file or dataset name is required")
     errors += _objective_errors(cfg)
     if _get(cfg, "objective") == "grpo":
         errors += _grpo_errors(cfg)
+    if _get(cfg, "train.wandb_project") and importlib.util.find_spec("wandb") is None:
+        errors.append(f"config.train.wandb_project={_get(cfg, 'train.wandb_project')!r}: Weights & Biases logging "
+                      "needs the wandb package: pip install 'qlora_jax[wandb]' (or leave wandb_project empty)")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _lora_init_errors(cfg: ConfigDict) -> list[str]:
+    """``lora.init``: a fixed name or "pissa_niter_K"; LoftQ needs a quantized base, neither SVD init DoRA."""
+    init = _get(cfg, "lora.init")
+    if init is None:
+        return []
+    if not isinstance(init, str) or (init not in ("gaussian", "peft") and not lora_init.changes_base(init)):
+        return [f"config.lora.init={init!r}: must be one of 'gaussian', 'peft', 'pissa', 'pissa_niter_K' "
+                f"(K power iterations, e.g. 'pissa_niter_4') or 'loftq'"]
+    if init == "loftq" and (_get(cfg, "model.quantize") or "none") == "none":
+        return ["config.lora.init='loftq' needs config.model.quantize='nf4' or 'fp4' (it fits the quantization error)"]
+    if lora_init.changes_base(init) and _get(cfg, "lora.use_dora"):
+        return [f"config.lora.init={init!r} cannot be combined with config.lora.use_dora=True"]
+    return []
 
 
 def _objective_errors(cfg: ConfigDict) -> list[str]:
@@ -101,14 +129,15 @@ def _objective_errors(cfg: ConfigDict) -> list[str]:
     errors = []
     objective = _get(cfg, "objective") or "sft"
     patience = _get(cfg, "train.early_stopping_patience") or 0
-    if objective not in PREFERENCE_OBJECTIVES:
+    if objective not in PREFERENCE_OBJECTIVES + UNPAIRED_OBJECTIVES:
         if patience:
             errors.append("config.train.early_stopping_patience: early stopping (on held-out reward accuracy) "
-                          "is implemented for objective='dpo', 'orpo' or 'cpo' only")
+                          "is implemented for objective='dpo', 'orpo', 'cpo' or 'kto' only")
         return errors
     if _get(cfg, f"{objective}.beta") is None:
         keys = {"dpo": "beta, loss_type, label_smoothing, reference", "orpo": "beta",
-                "cpo": "beta, loss_type, cpo_alpha, simpo_gamma, label_smoothing, alpha"}[objective]
+                "cpo": "beta, loss_type, cpo_alpha, simpo_gamma, label_smoothing, alpha",
+                "kto": "beta, loss_type, desirable_weight, undesirable_weight, reference"}[objective]
         errors.append(f"config.objective={objective!r} needs a config.{objective} section ({keys})")
         return errors
     if objective in ("dpo", "cpo"):
@@ -120,17 +149,20 @@ def _objective_errors(cfg: ConfigDict) -> list[str]:
             errors.append(f"config.{objective}.label_smoothing={eps!r} has no effect with loss_type={loss_type!r} "
                           f"(trl 1.16 uses it for {' and '.join(map(repr, smoothed))} only); "
                           f"use loss_type={smoothed[0]!r} or set it to 0")
-    if objective == "dpo":
-        if _get(cfg, "dpo.reference") == "init" and not _get(cfg, "model.init_from"):
-            errors.append("config.dpo.reference='init' needs config.model.init_from (the adapters to freeze)")
+    if objective in ("dpo", "kto"):
+        if _get(cfg, f"{objective}.reference") == "init" and not _get(cfg, "model.init_from"):
+            errors.append(f"config.{objective}.reference='init' needs config.model.init_from (the adapters to freeze)")
         if _get(cfg, "data.train_on_prompt"):
-            errors.append("config.data.train_on_prompt: has no effect with objective='dpo' (it puts the prompt "
-                          "into the NLL term of 'orpo' and 'cpo')")
+            errors.append(f"config.data.train_on_prompt: has no effect with objective={objective!r} (it puts the "
+                          "prompt into the NLL term of 'orpo' and 'cpo')")
+    if objective == "kto" and _get(cfg, "kto.loss_type") == "kto" and (_get(cfg, "train.batch_size") or 2) < 2:
+        errors.append(f"config.train.batch_size={_get(cfg, 'train.batch_size')!r}: KTO's KL estimate pairs each row "
+                      "with another row's completion of the micro-batch: needs >= 2 (trl's condition too)")
     if _get(cfg, "data.pack"):
         errors.append(f"config.data.pack: packing is not supported with objective={objective!r} (one sequence per row)")
     if (_get(cfg, "data.format") or "auto") != "auto":
-        errors.append(f"config.data.format: must be 'auto' with objective={objective!r} (pairs are read from "
-                      "prompt/chosen/rejected or chosen/rejected columns)")
+        errors.append(f"config.data.format: must be 'auto' with objective={objective!r} (rows are read from "
+                      "prompt/chosen/rejected, chosen/rejected or, for 'kto', prompt/completion/label columns)")
     if patience and not (_get(cfg, "train.eval_every") and _get(cfg, "data.eval")):
         errors.append("config.train.early_stopping_patience > 0 needs config.train.eval_every > 0 and "
                       "config.data.eval")
@@ -240,7 +272,8 @@ def lora_config_from(cfg: ConfigDict) -> LoraConfig:
         targets = tuple(t) if isinstance(t, (list, tuple)) else t
     return LoraConfig(r=cfg.lora.r, alpha=float(cfg.lora.alpha), dropout=float(cfg.lora.dropout),
                       targets=targets, init=cfg.lora.init, init_std=float(cfg.lora.init_std),
-                      use_rslora=bool(cfg.lora.rslora), use_dora=bool(cfg.lora.get("use_dora", False)))
+                      use_rslora=bool(cfg.lora.rslora), use_dora=bool(cfg.lora.get("use_dora", False)),
+                      loftq_iter=int(cfg.lora.get("loftq_iter", 1)))
 
 
 def _section(cls: type, node: ConfigDict | None, **converted: Any) -> Any:
@@ -259,6 +292,8 @@ class ModelSection:
     param_dtype: str = "float32"
     init_from: str = ""
     remat: str = "projections"
+    attention_impl: str = "auto"
+    quant_matmul_impl: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,6 +343,8 @@ class TrainSection:
     keep_checkpoints: int = 2
     export_peft: bool = True
     early_stopping_patience: int = 0
+    wandb_project: str = ""
+    wandb_mode: str = "online"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +368,15 @@ class CPOSection:  # trl CPOConfig's fields; SimPO: loss_type="simpo", cpo_alpha
     simpo_gamma: float = 0.5
     label_smoothing: float = 0.0
     alpha: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class KTOSection:  # trl KTOConfig's fields
+    beta: float = 0.1
+    loss_type: str = "kto"
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    reference: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,6 +423,7 @@ class RunConfig:
     dpo: DPOSection | None = None
     orpo: ORPOSection | None = None
     cpo: CPOSection | None = None
+    kto: KTOSection | None = None
     grpo: GRPOSection | None = None
 
     @classmethod
@@ -390,6 +437,7 @@ class RunConfig:
         dpo = _section(DPOSection, cfg.dpo) if objective == "dpo" else None
         orpo = _section(ORPOSection, cfg.orpo) if objective == "orpo" else None
         cpo = _section(CPOSection, cfg.cpo) if objective == "cpo" else None
+        kto = _section(KTOSection, cfg.kto) if objective == "kto" else None
         grpo = None
         if objective == "grpo":
             fns, weights = reward_functions(cfg)
@@ -399,7 +447,7 @@ class RunConfig:
                    lora=lora_config_from(cfg), data=data, optim=_section(OptimSection, cfg.optim),
                    train=_section(TrainSection, cfg.train),
                    mesh=(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor)), dpo=dpo, orpo=orpo, cpo=cpo,
-                   grpo=grpo)
+                   kto=kto, grpo=grpo)
 
     def lora_record(self) -> dict[str, Any]:
         return lora_record(self.lora, self.model)
@@ -415,10 +463,10 @@ def model_section(cfg: ConfigDict) -> ModelSection:
 def lora_record(lora: LoraConfig, model: ModelSection) -> dict[str, Any]:
     """What a checkpoint records of the adapters and the base they were trained on."""
     return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "targets": lora.targets,
-            "init": lora.init, "use_rslora": lora.use_rslora, "use_dora": lora.use_dora,
+            "init": lora.init, "loftq_iter": lora.loftq_iter, "use_rslora": lora.use_rslora, "use_dora": lora.use_dora,
             "model_source": model.source, "quantize": model.quantize or "none", "blocksize": model.blocksize,
             "double_quant": model.double_quant}
 
 
-__all__ = ["OBJECTIVES", "PREFERENCE_OBJECTIVES", "ConfigError", "RunConfig", "check_inputs", "lora_config_from",
+__all__ = ["OBJECTIVES", "PREFERENCE_OBJECTIVES", "UNPAIRED_OBJECTIVES", "ConfigError", "RunConfig", "check_inputs", "lora_config_from",
            "lora_record", "model_section", "reward_functions", "validate_config"]

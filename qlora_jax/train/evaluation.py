@@ -1,5 +1,5 @@
 """Held-out evaluation during training: SFT loss and exact match, preference metrics (DPO; ORPO and
-CPO without a reference), and early stopping on a held-out metric. Each evaluator compiles its
+CPO without a reference; KTO on unpaired rows), and early stopping on a held-out metric. Each evaluator compiles its
 forward once and is called with the current adapters."""
 
 from __future__ import annotations
@@ -125,6 +125,93 @@ class ReferenceFreeEvaluator:
                 "examples": int(totals["pairs"])}
 
 
+class KTOEvaluator:
+    """Held-out KTO metrics of the current adapters over fixed batches of ``batch_size`` rows (each
+    with its KL rows, as in training); the reference log-probs are computed once.
+
+    Besides trl's statistics (loss, rewards/chosen, /rejected, kl) and ``label_accuracy`` (the
+    reward's sign agrees with the label; 0 before training, where policy = reference): where the
+    held-out set has desirable and undesirable completions of the same prompt, ``reward_accuracy``
+    and ``logp_accuracy`` over every such (desirable, undesirable) combination, as DPO's
+    (``pairs`` of them; both left out when there is none).
+    """
+
+    def __init__(self, graphdef, mesh, rows, objective, *, batch_size: int, seq_len: int, pad_id: int,
+                 pad_to_multiple_of: int = 64):
+        from qlora_jax.data.unpaired import UnpairedBatchIterator
+        from qlora_jax.objectives import kto as kto_lib
+
+        self.objective, self.kto = objective, kto_lib
+        self.batches, order = [], []
+        if rows:
+            order = sorted(rows, key=len)  # similar lengths together
+            batches = list(UnpairedBatchIterator(order, batch_size=batch_size, seq_len=seq_len, shuffle=False,
+                                                 num_epochs=1, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of))
+            # One width for every batch, rows and KL rows under the same keys: the forward compiles
+            # once per adapter setting (compiles, not FLOPs, dominate a held-out pass on CPU).
+            width = max(b["input_ids"].shape[1] for b in batches)
+            for b in batches:
+                b.update({k: np.pad(v, ((0, 0), (0, width - v.shape[1])),
+                                    constant_values=pad_id if k.endswith(("input_ids", "targets")) else 0)
+                          for k, v in b.items()})
+            self.batches = batches
+        self.live = [b["loss_mask"].sum(-1) > 0 for b in self.batches]
+        self.pairs = self._same_prompt_pairs(order)
+        self._fn = _replicated_jit(
+            lambda lora, rest, batch, on: dpo_lib.sequence_logps(graphdef, lora, rest, batch, lora_enabled=on), mesh)
+        self._ref: list[tuple[np.ndarray, np.ndarray | None]] | None = None
+
+    @staticmethod
+    def _same_prompt_pairs(rows) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (into the evaluation order) of every (desirable, undesirable) row of one prompt."""
+        by_prompt: dict[bytes, tuple[list[int], list[int]]] = {}
+        for i, r in enumerate(rows):
+            key = r.example.input_ids[:r.prompt_length].tobytes()
+            by_prompt.setdefault(key, ([], []))[0 if r.desirable else 1].append(i)
+        good = [(g, b) for gs, bs in by_prompt.values() for g in gs for b in bs]
+        return tuple(np.asarray(x, np.int64) for x in zip(*good)) if good else (np.zeros(0, np.int64),) * 2
+
+    def _logps(self, lora, batch, on: bool):
+        return np.asarray(self._fn(lora, self.rest, {k: batch[k] for k in self.kto.KL_KEYS}, on))
+
+    def reference_logps(self, lora, rest, ref_lora=None):
+        if self._ref is None:
+            self.rest = rest
+            frozen = self.objective.frozen_adapters
+            adapters, on = (ref_lora, True) if frozen else (lora, False)
+            kl = self.objective.uses_kl
+            self._ref = [(self._logps(adapters, b, on), self._logps(adapters, self.kto.kl_batch(b), on) if kl else None)
+                         for b in self.batches]
+        return self._ref
+
+    def __call__(self, lora, rest, ref_lora=None) -> dict[str, float]:
+        self.rest = rest
+        ref = self.reference_logps(lora, rest, ref_lora)
+        o = self.objective
+        loss, totals, rewards, logps = 0.0, dict.fromkeys(o.stat_keys, 0.0), [], []
+        for b, (ref_main, ref_kl), live in zip(self.batches, ref, self.live):
+            policy = self._logps(lora, b, True)
+            kl = 0.0
+            if o.uses_kl:
+                kl = self.kto.kl_estimate(self._logps(lora, self.kto.kl_batch(b), True), ref_kl, live)
+            s, stats = o.sums(jnp.asarray(policy), jnp.asarray(ref_main), b["desirable"][:, 0] > 0,
+                              b["loss_mask"].sum(-1), kl)
+            loss += float(s)
+            for k in totals:
+                totals[k] += float(stats[k])
+            rewards.append(o.beta * (policy - ref_main)[live])
+            logps.append(policy[live])
+        m = o.step_metrics(totals)
+        out = {"loss": loss / max(totals["examples"], 1.0), **{k: v for k, v in m.items() if k != "examples"},
+               "examples": int(totals["examples"])}
+        g, b = self.pairs
+        if g.size:
+            r, p = np.concatenate(rewards), np.concatenate(logps)
+            out.update({"reward_accuracy": float(np.mean(r[g] > r[b])), "logp_accuracy": float(np.mean(p[g] > p[b])),
+                        "pairs": int(g.size)})
+        return out
+
+
 @dataclasses.dataclass
 class EarlyStopping:
     """Best held-out value so far; stop after ``patience`` evaluations without a strict
@@ -160,4 +247,4 @@ class EarlyStopping:
                    stopped=bool(state.get("stopped", False)))
 
 
-__all__ = ["EarlyStopping", "PreferenceEvaluator", "SFTEvaluator"]
+__all__ = ["EarlyStopping", "KTOEvaluator", "PreferenceEvaluator", "SFTEvaluator"]

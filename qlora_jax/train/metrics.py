@@ -1,5 +1,6 @@
 """Metrics: ``workdir/metrics.jsonl`` (one JSON object per logged step), TensorBoard event files
-(tensorboardX: no TensorFlow needed) and ``loss.png`` at the end. Only process 0 writes."""
+(tensorboardX: no TensorFlow needed), optionally Weights & Biases, and ``loss.png`` at the end.
+Only process 0 writes. Every sink gets the same metric names and optimizer steps."""
 
 from __future__ import annotations
 
@@ -10,15 +11,26 @@ from typing import Any
 
 import jax
 
+from qlora_jax.checkpoints import run_dir
 from qlora_jax.checkpoints.run_dir import METRICS_FILE, read_metrics
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+    """``wandb_project``: also log to Weights & Biases (``wandb_mode`` "online" or "offline"), as
+    one wandb run per run directory: a resumed attempt continues the run its first attempt started
+    (the id is kept in the run directory). wandb drops rows whose step is not above the last one it
+    has, so rows an interrupted attempt logged after its last checkpoint stay as first logged there;
+    ``metrics.jsonl`` is the exact record."""
+
+    def __init__(self, workdir: str | Path, *, tensorboard: bool = True, wandb_project: str = "",
+                 wandb_mode: str = "online", run_config: dict[str, Any] | None = None):
         self.workdir = Path(workdir)
         self.enabled = jax.process_index() == 0
         self.path = self.workdir / METRICS_FILE
         self._tb = None
+        self._wandb = None
+        if self.enabled and wandb_project:
+            self._wandb = _start_wandb(self.workdir, wandb_project, wandb_mode, run_config or {})
         if self.enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
             if tensorboard:
@@ -39,12 +51,27 @@ class MetricsWriter:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))},
+                            step=int(step))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _start_wandb(workdir: Path, project: str, mode: str, run_config: dict[str, Any]):
+    import wandb  # optional: config validation has checked that it is installed
+
+    run_id = run_dir.wandb_run_id(workdir)
+    (workdir / run_dir.WANDB_DIR).mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=project, id=run_id, resume="allow", mode=mode, dir=str(workdir),
+                      name=workdir.name, config=run_config, settings=wandb.Settings(silent=True))
 
 
 def _py(v: Any) -> Any:

@@ -1,6 +1,6 @@
 """What the one trainer (``train/trainer.py``) drives: an objective with its batch source and its
 held-out evaluation: SFT, the preference pairs (DPO with its reference; ORPO and CPO/SimPO
-without one), GRPO.
+without one), KTO on unpaired rows, GRPO.
 
 A task owns
 
@@ -33,11 +33,13 @@ from qlora_jax import data as data_lib
 from qlora_jax.checkpoints.run_dir import read_metrics
 from qlora_jax.data.batching import round_up
 from qlora_jax.data.preference import PreferenceBatchIterator, prepare_preference
+from qlora_jax.data.unpaired import UnpairedBatchIterator, prepare_unpaired
 from qlora_jax.inference.generate import SamplingParams
 from qlora_jax.objectives import grpo as grpo_lib
 from qlora_jax.objectives import rewards as rewards_lib
 from qlora_jax.objectives.dpo import DPOObjective, step_metrics
 from qlora_jax.objectives.grpo import GRPOObjective
+from qlora_jax.objectives.kto import KTOObjective
 from qlora_jax.objectives.preference import CPOObjective, ORPOObjective
 from qlora_jax.objectives.sft import SFT
 from qlora_jax.train import loop
@@ -45,6 +47,7 @@ from qlora_jax.train import rollout as rollout_lib
 from qlora_jax.train.config import ConfigError, RunConfig
 from qlora_jax.train.evaluation import (
     EarlyStopping,
+    KTOEvaluator,
     PreferenceEvaluator,
     ReferenceFreeEvaluator,
     SFTEvaluator,
@@ -325,6 +328,96 @@ class ReferenceFreeTask(PairTask):
         return {**super().summary(), "objective": self.name, self.name: section, "reference": "none"}
 
 
+class KTOTask(PairTask):
+    """KTO (``objectives/kto.py``): labelled (prompt, completion) rows, each micro-batch with its
+    mismatched KL rows; DPO's reference policy. ``batch_size`` counts rows. Early stopping and the
+    best adapter follow the held-out reward accuracy of same-prompt (desirable, undesirable)
+    combinations when the eval set has some, else the label accuracy."""
+
+    name = "kto"
+    loss_name = "KTO"
+    evaluator_class = KTOEvaluator
+
+    def __init__(self, rc: RunConfig, tokenizer: Any, pad_id: int):
+        d = rc.data
+        kw = dict(max_length=d.max_length, overflow=d.overflow, text_as_chat=d.text_as_chat)
+        train, stats = prepare_unpaired(d.train, tokenizer, **kw)
+        self.eval_ex = prepare_unpaired(d.eval, tokenizer, **kw)[0][:d.max_eval_examples] if d.eval else []
+        log.info("KTO data: %s", stats.summary())
+        self.it = UnpairedBatchIterator(
+            train, batch_size=rc.train.batch_size, seq_len=d.max_length, group_by_length=d.group_by_length,
+            pad_to_multiple_of=d.pad_to_multiple_of, pad_id=pad_id, seed=rc.seed)
+        self.rc, self.pad_id = rc, pad_id
+        self.data_counts = {"train_examples": stats.kept, "desirable": stats.desirable,
+                            "undesirable": stats.undesirable, "truncated": stats.truncated,
+                            "dropped": stats.dropped_too_long + stats.dropped_no_completion}
+        self.objective = self.make_objective(rc)
+        self.loss_label = f"KTO loss per row ({rc.kto.loss_type})"
+        self.stopper = EarlyStopping(patience=rc.train.early_stopping_patience)
+
+    def make_objective(self, rc):
+        k = rc.kto
+        frozen = k.reference == "init" or (k.reference == "auto" and bool(rc.model.init_from))
+        return KTOObjective(beta=float(k.beta), loss_type=k.loss_type, desirable_weight=float(k.desirable_weight),
+                            undesirable_weight=float(k.undesirable_weight), frozen_adapters=frozen)
+
+    def metrics(self, m):
+        return self.objective.step_metrics(m)
+
+    @staticmethod
+    def score(ev: dict[str, Any]) -> tuple[str, float]:
+        """The held-out figure early stopping and the best adapter follow."""
+        key = "reward_accuracy" if "reward_accuracy" in ev else "label_accuracy"
+        return key, ev[key]
+
+    def summary(self):
+        o = self.objective
+        return {**super().summary(), "objective": "kto",
+                "kto": {"beta": o.beta, "loss_type": o.loss_type, "desirable_weight": o.desirable_weight,
+                        "undesirable_weight": o.undesirable_weight},
+                "reference": "frozen starting adapters" if o.frozen_adapters else "adapters off"}
+
+    def evaluate(self, lora, ref_lora, step):
+        t0 = time.perf_counter()
+        ev = self.evaluator(lora, self.rest, ref_lora)
+        if step == 0:
+            log.info("eval before training: loss %.4f, label accuracy %.1f%%%s (%.0f s)", ev["loss"],
+                     100 * ev["label_accuracy"], f", log-prob accuracy {100 * ev['logp_accuracy']:.1f}% of "
+                     f"{ev['pairs']} same-prompt pairs" if "pairs" in ev else "", time.perf_counter() - t0)
+        return ev
+
+    def after_eval(self, ev, step, save_best):
+        key, value = self.score(ev)
+        what = key.replace("_", " ")
+        if self.stopper.update(step, value):
+            where = save_best({"step": step, **ev})
+            log.info("step %d: new best held-out %s %.1f%% -> %s", step, what, 100 * value, where)
+        if self.stopper.stopped:
+            log.info("early stopping at step %d: no better held-out %s in %d evaluations (best %.1f%% at step %d)",
+                     step, what, self.stopper.patience, 100 * self.stopper.best, self.stopper.best_step)
+
+    def end_lines(self, r):
+        lines = SFTTask.end_lines(self, {k: v for k, v in r.items() if k not in ("eval_before", "eval_after")})
+        if r.get("early_stopped_at"):
+            lines.append(f"early stopped  at step {r['early_stopped_at']} (no better held-out accuracy)")
+        if "eval_after" in r and r.get("eval_before"):
+            b, a = r["eval_before"], r["eval_after"]
+            lines.append(f"KTO eval loss  {b['loss']:.4f} -> {a['loss']:.4f}")
+            lines.append(f"label acc.     {100 * b['label_accuracy']:.1f}% -> {100 * a['label_accuracy']:.1f}% "
+                         f"of {a['examples']} held-out rows (reward > 0 desirable, < 0 undesirable)")
+            if "pairs" in a:
+                lines.append(f"reward acc.    {100 * b['reward_accuracy']:.1f}% -> {100 * a['reward_accuracy']:.1f}% "
+                             f"of {a['pairs']} same-prompt (desirable, undesirable) pairs")
+                lines.append(f"log-prob acc.  {100 * b['logp_accuracy']:.1f}% -> {100 * a['logp_accuracy']:.1f}% "
+                             "(policy log p(desirable) > log p(undesirable))")
+            if "reward_margin" in a:
+                lines.append(f"reward margin  {b['reward_margin']:.3f} -> {a['reward_margin']:.3f} "
+                             "(mean desirable - mean undesirable reward)")
+            if "kl" in a:
+                lines.append(f"KL estimate    {b['kl']:.4f} -> {a['kl']:.4f}")
+        return lines
+
+
 class GRPOTask(Task):
     """Rollouts of the current policy scored by reward functions (``train/rollout.py``); held-out
     prompts answered (greedy by default) and scored before, during and after training."""
@@ -507,8 +600,9 @@ def plot_rewards(workdir: Path, names: list[str]) -> Path | None:
 
 
 def make_task(rc: RunConfig, tokenizer: Any, pad_id: int) -> Task:
-    tasks = {"sft": SFTTask, "dpo": DPOTask, "orpo": ReferenceFreeTask, "cpo": ReferenceFreeTask, "grpo": GRPOTask}
+    tasks = {"sft": SFTTask, "dpo": DPOTask, "orpo": ReferenceFreeTask, "cpo": ReferenceFreeTask, "kto": KTOTask,
+             "grpo": GRPOTask}
     return tasks[rc.objective](rc, tokenizer, pad_id)
 
 
-__all__ = ["DPOTask", "GRPOTask", "PairTask", "ReferenceFreeTask", "SFTTask", "StepBatch", "Task", "eval_row", "make_task", "plot_rewards"]
+__all__ = ["DPOTask", "GRPOTask", "KTOTask", "PairTask", "ReferenceFreeTask", "SFTTask", "StepBatch", "Task", "eval_row", "make_task", "plot_rewards"]

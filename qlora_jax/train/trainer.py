@@ -1,6 +1,6 @@
 """The one training run: ``run(config)`` is what ``python -m qlora_jax.train --config ...`` calls.
 
-Whatever the objective (``config.objective``: "sft", "dpo", "orpo", "cpo" or "grpo";
+Whatever the objective (``config.objective``: "sft", "dpo", "orpo", "cpo", "kto" or "grpo";
 ``train/tasks.py``), a run is the same sequence, written once here:
 
 1. check the config (``train/config.py``, every bad key in one message) and the inputs; a run
@@ -21,6 +21,7 @@ The run directory is read and written through ``checkpoints/run_dir.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -69,7 +70,9 @@ def load_for_training(rc: RunConfig, mesh: jax.sharding.Mesh):
     log.info("loading %s (quantize=%s, compute %s)", m.source, m.quantize, m.dtype)
     return load_model(m.source, quantize=m.quantize, dtype=m.dtype, param_dtype=m.param_dtype, lora=rc.lora,
                       mesh=mesh, shardings=shard_lib.param_sharding_fn(mesh), blocksize=m.blocksize,
-                      double_quant=m.double_quant, remat=m.remat, rng_seed=rc.seed)
+                      double_quant=m.double_quant, remat=m.remat, attention_impl=m.attention_impl,
+                      quant_matmul_impl=m.quant_matmul_impl,
+                      rng_seed=rc.seed)
 
 
 def _train(rc: RunConfig) -> dict[str, Any]:
@@ -157,115 +160,119 @@ def _train_logged(rc: RunConfig) -> dict[str, Any]:
     if o.loraplus_lr_ratio:
         summary["loraplus_lr_ratio"] = o.loraplus_lr_ratio
     log.info("run: %s", json.dumps(summary))
-    metrics = MetricsWriter(workdir)
-
-    def save_best(eval_metrics: dict[str, Any]) -> Path:
-        out = workdir / run_dir.BEST_ADAPTER_DIR
-        _save_adapter(fns, lora_state, rest, out, rc, eval_metrics)
-        return out
-
-    def evaluate(at_step: int) -> dict[str, Any]:
-        ev = task.evaluate(lora_state, ref_lora, at_step)
-        metrics.write(at_step, eval_row(ev))
-        return ev
-
-    before = {}
-    if start == 0 and task.has_eval:
-        before = evaluate(0)
-        run_dir.write_json(workdir / run_dir.EVAL_BEFORE_FILE, before)
-    elif task.has_eval:
-        before = run_dir.read_eval_before(workdir)
-
-    # ---- the loop ---------------------------------------------------------------------------------
-    bar = _progress(total_steps, start)
-    step, failure, last_eval = start, None, None  # last_eval: (step, metrics) of the newest in-loop evaluation
-    t_loop = t_prev = time.perf_counter()
+    metrics = MetricsWriter(workdir, wandb_project=rc.train.wandb_project, wandb_mode=rc.train.wandb_mode,
+                            run_config={**summary, "lora": record, "optim": dataclasses.asdict(o)})
     try:
-        with loop.GracefulExit() as stop:
-            def fetch(at_step):
-                return task.next_batch(at_step, lora_state, ref_lora)
+        def save_best(eval_metrics: dict[str, Any]) -> Path:
+            out = workdir / run_dir.BEST_ADAPTER_DIR
+            _save_adapter(fns, lora_state, rest, out, rc, eval_metrics)
+            return out
 
-            upcoming = fetch(step) if task.prefetch and step < total_steps else None
-            while step < total_steps and not task.stopped:
-                batch = upcoming if task.prefetch else fetch(step)
-                key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(base_key), step)))
-                lora_state, opt_state, m = fns.train_step(
-                    lora_state, opt_state, rest, loop.process_local_batch(batch.arrays, fns.batch_sharding), key,
-                    *step_extra)
-                # The step runs asynchronously: build the next batch on the host meanwhile (when it does
-                # not depend on this step's adapters), then wait for this step's scalars.
-                if task.prefetch:
-                    upcoming = fetch(step + 1) if step + 1 < total_steps else None
-                m = jax.device_get(m)
-                if not bool(m["finite"]):
-                    failure = step + 1
-                    raise non_finite_stop(ckpts, f"non-finite loss or gradient at step {step + 1} (loss="
-                                          f"{float(m['loss'])}, grad_norm={float(m['grad_norm'])})",
-                                          failed_step=step + 1, bad_checkpoint=step)
-                step += 1
-                now = time.perf_counter()
-                row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(schedule(step - 1)),
-                       **task.step_row(m, batch, now - t_prev)}
-                t_prev = now
-                if step % rc.train.log_every == 0 or step == total_steps:
-                    metrics.write(step, row)
-                if step == _FAULT_KILL_AT_STEP:  # fault injection for the resume tests: die like a preempted VM
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if rc.train.eval_every and step % rc.train.eval_every == 0 and task.has_eval and step < total_steps:
-                    ev = evaluate(step)
-                    task.after_eval(ev, step, save_best)
-                    last_eval = (step, ev)
-                if (step % rc.train.checkpoint_every == 0 or step == total_steps or stop.requested
-                        or task.stopped):
-                    if not run_dir.all_finite((lora_state, opt_state)):
-                        failure = step
-                        raise non_finite_stop(ckpts, f"non-finite adapters or optimizer state after step {step} "
-                                              "(not saved)", failed_step=step)
-                    train_state = {"opt_state": opt_state, "rng": jax.make_array_from_process_local_data(repl, base_key)}
-                    if frozen_ref:
-                        train_state["ref_lora"] = ref_lora
-                    ckpts.save(step, lora_state, train_state,
-                               {"step": step, **batch.meta, **task.checkpoint_meta(), "lora": record,
-                                "loraplus_lr_ratio": rc.optim.loraplus_lr_ratio})
-                if bar is not None:
-                    bar.set_postfix(**task.postfix(row))
-                    bar.update(1)
-                if stop.requested:
-                    log.info("stop requested: checkpoint written at step %d", step)
-                    break
+        def evaluate(at_step: int) -> dict[str, Any]:
+            ev = task.evaluate(lora_state, ref_lora, at_step)
+            metrics.write(at_step, eval_row(ev))
+            return ev
+
+        before = {}
+        if start == 0 and task.has_eval:
+            before = evaluate(0)
+            run_dir.write_json(workdir / run_dir.EVAL_BEFORE_FILE, before)
+        elif task.has_eval:
+            before = run_dir.read_eval_before(workdir)
+
+        # ---- the loop ---------------------------------------------------------------------------------
+        bar = _progress(total_steps, start)
+        step, failure, last_eval = start, None, None  # last_eval: (step, metrics) of the newest in-loop evaluation
+        t_loop = t_prev = time.perf_counter()
+        try:
+            with loop.GracefulExit() as stop:
+                def fetch(at_step):
+                    return task.next_batch(at_step, lora_state, ref_lora)
+
+                upcoming = fetch(step) if task.prefetch and step < total_steps else None
+                while step < total_steps and not task.stopped:
+                    batch = upcoming if task.prefetch else fetch(step)
+                    key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(base_key), step)))
+                    lora_state, opt_state, m = fns.train_step(
+                        lora_state, opt_state, rest, loop.process_local_batch(batch.arrays, fns.batch_sharding), key,
+                        *step_extra)
+                    # The step runs asynchronously: build the next batch on the host meanwhile (when it does
+                    # not depend on this step's adapters), then wait for this step's scalars.
+                    if task.prefetch:
+                        upcoming = fetch(step + 1) if step + 1 < total_steps else None
+                    m = jax.device_get(m)
+                    if not bool(m["finite"]):
+                        failure = step + 1
+                        raise non_finite_stop(ckpts, f"non-finite loss or gradient at step {step + 1} (loss="
+                                              f"{float(m['loss'])}, grad_norm={float(m['grad_norm'])})",
+                                              failed_step=step + 1, bad_checkpoint=step)
+                    step += 1
+                    now = time.perf_counter()
+                    row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                           "lr": float(schedule(step - 1)),
+                           **task.step_row(m, batch, now - t_prev)}
+                    t_prev = now
+                    if step % rc.train.log_every == 0 or step == total_steps:
+                        metrics.write(step, row)
+                    if step == _FAULT_KILL_AT_STEP:  # fault injection for the resume tests: die like a preempted VM
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    if rc.train.eval_every and step % rc.train.eval_every == 0 and task.has_eval and step < total_steps:
+                        ev = evaluate(step)
+                        task.after_eval(ev, step, save_best)
+                        last_eval = (step, ev)
+                    if (step % rc.train.checkpoint_every == 0 or step == total_steps or stop.requested
+                            or task.stopped):
+                        if not run_dir.all_finite((lora_state, opt_state)):
+                            failure = step
+                            raise non_finite_stop(ckpts, f"non-finite adapters or optimizer state after step {step} "
+                                                  "(not saved)", failed_step=step)
+                        train_state = {"opt_state": opt_state,
+                                       "rng": jax.make_array_from_process_local_data(repl, base_key)}
+                        if frozen_ref:
+                            train_state["ref_lora"] = ref_lora
+                        ckpts.save(step, lora_state, train_state,
+                                   {"step": step, **batch.meta, **task.checkpoint_meta(), "lora": record,
+                                    "loraplus_lr_ratio": rc.optim.loraplus_lr_ratio})
+                    if bar is not None:
+                        bar.set_postfix(**task.postfix(row))
+                        bar.update(1)
+                    if stop.requested:
+                        log.info("stop requested: checkpoint written at step %d", step)
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+            ckpts.wait()
+        train_seconds = time.perf_counter() - t_loop
+
+        # ---- after -----------------------------------------------------------------------------------
+        finished = step >= total_steps or task.stopped
+        result: dict[str, Any] = {**summary, "final_step": step, "train_seconds": round(train_seconds, 1),
+                                  "failure_step": failure, "finished": finished}
+        if task.stopped:
+            result["early_stopped_at"] = step
+        if finished and task.has_eval:
+            if last_eval is not None and last_eval[0] == step:  # just evaluated (an early stop, or eval_every)
+                after = last_eval[1]
+            else:
+                after = task.evaluate(lora_state, ref_lora, step)
+                metrics.write(step, eval_row(after))
+                if rc.train.eval_every and not task.stopped:
+                    task.after_eval(after, step, save_best)
+            result["eval_before"], result["eval_after"] = before, after
+        task.finish(result, workdir)
+        if finished and rc.train.export_peft:
+            _save_adapter(fns, lora_state, rest, workdir / run_dir.ADAPTER_DIR, rc)
+            result["adapter_dir"] = str(workdir / run_dir.ADAPTER_DIR)
+        plot = plot_loss(workdir, ylabel=task.loss_label)
+        result["loss_plot"] = str(plot) if plot else None
+        result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+        run_dir.write_json(workdir / run_dir.SUMMARY_FILE, result)
+        ckpts.close()
+        _print_end(task, result)
+        return result
     finally:
-        if bar is not None:
-            bar.close()
-        ckpts.wait()
         metrics.close()
-    train_seconds = time.perf_counter() - t_loop
-
-    # ---- after -----------------------------------------------------------------------------------
-    finished = step >= total_steps or task.stopped
-    result: dict[str, Any] = {**summary, "final_step": step, "train_seconds": round(train_seconds, 1),
-                              "failure_step": failure, "finished": finished}
-    if task.stopped:
-        result["early_stopped_at"] = step
-    if finished and task.has_eval:
-        if last_eval is not None and last_eval[0] == step:  # just evaluated (an early stop, or eval_every)
-            after = last_eval[1]
-        else:
-            after = task.evaluate(lora_state, ref_lora, step)
-            MetricsWriter(workdir, tensorboard=False).write(step, eval_row(after))
-            if rc.train.eval_every and not task.stopped:
-                task.after_eval(after, step, save_best)
-        result["eval_before"], result["eval_after"] = before, after
-    task.finish(result, workdir)
-    if finished and rc.train.export_peft:
-        _save_adapter(fns, lora_state, rest, workdir / run_dir.ADAPTER_DIR, rc)
-        result["adapter_dir"] = str(workdir / run_dir.ADAPTER_DIR)
-    plot = plot_loss(workdir, ylabel=task.loss_label)
-    result["loss_plot"] = str(plot) if plot else None
-    result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-    run_dir.write_json(workdir / run_dir.SUMMARY_FILE, result)
-    ckpts.close()
-    _print_end(task, result)
-    return result
 
 
 def _save_adapter(fns, lora_state, rest, out: Path, rc: RunConfig, eval_metrics: dict | None = None) -> None:
