@@ -375,7 +375,7 @@ def test_config_checks_name_the_key():
     sft = sft_config.get_config()
     with sft.unlocked():
         sft.train.early_stopping_patience = 2
-    with pytest.raises(ConfigError, match="objective='dpo', 'orpo' or 'cpo' only"):
+    with pytest.raises(ConfigError, match="objective='dpo', 'orpo', 'cpo' or 'kto' only"):
         validate_config(sft)
 
 
