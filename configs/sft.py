@@ -34,6 +34,9 @@ def get_config() -> ConfigDict:
     c.lora.alpha = 32.0  # scale s = alpha / r (alpha / sqrt(r) with rslora)
     c.lora.dropout = 0.05  # dropout on the adapter's input
     c.lora.targets = "all-linear"  # "all-linear", comma-separated names (q_proj,v_proj) or a regex
+    # MoE expert tensors to adapt, comma-separated (peft's target_parameters; qwen3_moe:
+    # "mlp.experts.gate_up_proj,mlp.experts.down_proj"); needs lora.dropout=0
+    c.lora.target_parameters = ""
     c.lora.init = "gaussian"  # "gaussian": A ~ N(0, init_std^2) (seed 000) | "peft": kaiming-uniform A | "pissa" | "pissa_niter_K" | "loftq"
     c.lora.loftq_iter = 1  # alternating quantize / SVD rounds for init="loftq"
     c.lora.init_std = 0.01  # std of A for init="gaussian"

@@ -30,10 +30,12 @@ from qlora_jax.errors import UserError
 from qlora_jax.lora_init import changes_base
 
 # The seven linears of a LLaMA / Qwen decoder layer, in HF naming, and the block each lives in.
+# Phi-3 has four (``ModelConfig.projections``): fused qkv_proj and gate_up_proj, o_proj, down_proj.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROJECTION_BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-                    "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-ALL_LINEAR = "all-linear"  # shorthand for all seven (never lm_head, as in QLoRA)
+                    "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+                    "qkv_proj": "self_attn", "gate_up_proj": "mlp"}
+ALL_LINEAR = "all-linear"  # shorthand for every decoder linear of the model (never lm_head, as in QLoRA)
 LORA_INITS = ("peft", "gaussian", "pissa", "pissa_niter_K", "loftq")  # K: randomized-SVD power iterations
 
 
@@ -66,8 +68,9 @@ class LoraConfig:
     ``"." + name`` (PEFT's rule: ``"q_proj"``, ``"self_attn.q_proj"``, ``"layers.3.mlp.up_proj"``);
     or one regex string, matched with ``re.fullmatch`` against the path
     ``"layers.{i}.{self_attn|mlp}.{proj}"`` or the same prefixed with ``"model."`` (PEFT's key),
-    so a PEFT ``target_modules`` regex carries over; or ``"all-linear"`` for all seven
-    projections. A target that selects nothing raises.
+    so a PEFT ``target_modules`` regex carries over; or ``"all-linear"`` for every decoder linear
+    of the model (the seven projections; Phi-3's four: ``qkv_proj``, ``o_proj``, ``gate_up_proj``,
+    ``down_proj``, peft's names). A target that selects nothing raises.
     """
 
     r: int = 8  # rank
@@ -81,8 +84,15 @@ class LoraConfig:
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
     use_dora: bool = False  # DoRA: a trainable magnitude per output row (see the module docstring)
     dtype: str = "float32"  # storage dtype of A, B (and the DoRA magnitude)
+    # MoE expert weights to adapt, peft's ``target_parameters`` (qwen3_moe: "mlp.experts.gate_up_proj",
+    # "mlp.experts.down_proj"); a per-expert LoRA on every layer (qlora_jax.models.moe)
+    target_parameters: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "target_parameters", tuple(str(t) for t in self.target_parameters))
+        if self.target_parameters and (self.dropout or self.use_dora or changes_base(self.init)):
+            raise ValueError("LoraConfig.target_parameters cannot be combined with dropout, use_dora or an "
+                             "SVD init (peft's ParamWrapper rejects them too)")
         if isinstance(self.targets, (list, tuple)):
             object.__setattr__(self, "targets", tuple(str(t) for t in self.targets))
             if not self.targets:
@@ -109,23 +119,31 @@ class LoraConfig:
     def matches(self, path: str) -> bool:
         """Whether the linear at ``path`` ("layers.3.self_attn.q_proj") gets an adapter."""
         if self.targets == ALL_LINEAR:
-            return path.rsplit(".", 1)[-1] in PROJECTIONS
+            return path.rsplit(".", 1)[-1] in PROJECTION_BLOCK
         if isinstance(self.targets, str):
             return bool(re.fullmatch(self.targets, path) or re.fullmatch(self.targets, "model." + path))
         return any(path == t or path.endswith("." + t) for t in self.targets)
+
+    def parameter_layer_mask(self, num_layers: int, name: str) -> tuple[bool, ...]:
+        """For one MoE parameter (``name`` = "mlp.experts.gate_up_proj"), whether each layer's copy
+        is adapted: a ``target_parameters`` entry equal to its path ``layers.{i}.{name}`` or a suffix of it."""
+        return tuple(any(f"layers.{i}.{name}" == t or f"layers.{i}.{name}".endswith("." + t)
+                         for t in self.target_parameters) for i in range(num_layers))
 
     def layer_mask(self, num_layers: int, proj: str) -> tuple[bool, ...]:
         """For one projection, whether each decoder layer's copy of it is adapted."""
         return tuple(self.matches(module_path(i, proj)) for i in range(num_layers))
 
-    def targeted_modules(self, num_layers: int) -> list[str]:
-        """Every adapted module path, in layer order.
+    def targeted_modules(self, num_layers: int, projections: tuple[str, ...] = PROJECTIONS) -> list[str]:
+        """Every adapted module path, in layer order, among a model's ``projections``
+        (``ModelConfig.projections``; default: the seven of LLaMA).
 
         Raises :class:`LoraTargetError` if the targets select nothing, or if any one name of a
         target list selects nothing (a typo must not silently train fewer modules)."""
-        paths = [module_path(i, p) for i in range(num_layers) for p in PROJECTIONS]
-        valid = (f"{ALL_LINEAR!r}, {', '.join(PROJECTIONS)}, or a path such as 'self_attn.q_proj' or "
-                 f"'layers.0.mlp.up_proj' (layers 0-{num_layers - 1})")
+        paths = [module_path(i, p) for i in range(num_layers) for p in projections]
+        example = module_path(0, projections[0]).split(".", 2)[-1]
+        valid = (f"{ALL_LINEAR!r}, {', '.join(projections)}, or a path such as {example!r} or "
+                 f"{module_path(0, projections[-2])!r} (layers 0-{num_layers - 1})")
         if isinstance(self.targets, tuple):
             unknown = [t for t in self.targets if not any(p == t or p.endswith("." + t) for p in paths)]
             if unknown:

@@ -33,6 +33,7 @@ def main() -> None:
 
     from qlora_jax.lora import LoraConfig
     from qlora_jax.models import ModelConfig, QuantConfig
+    from qlora_jax.models.layers import _cudnn_found
     from qlora_jax.train.aot import TARGETS, StepSpec, compile_step, target_devices
 
     impl = os.environ.get("QLORA_ATTENTION_IMPL", "auto")
@@ -93,7 +94,7 @@ def main() -> None:
         "weight_buffers": weight_buffers, "weight_shaped": weight_shaped, "half_buffers": half_buffers,
         "score_buffers": score_buffers, "level_broadcasts": level_broadcasts,
         "n_instructions": len(shapes), "seq": SEQ, "per_chip": PER_CHIP, "gpus": GPUS,
-        "attention_impl": impl, "cudnn_calls": len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo)),
+        "attention_impl": impl, "cudnn_found": _cudnn_found(), "cudnn_calls": len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo)),
         "attention_scores": attention_score_buffers(shapes, TINY["num_attention_heads"], TINY["num_key_value_heads"]),
         # [b, 1, t, s]: the same-segment mask cuDNN takes as a bias (one per row, not per head)
         "mask_buffers": sorted({f"{t}{list(s)} {op}" for t, s, op in shapes

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,9 +90,37 @@ def compile_in_venv(venv: str, worker: str, mesh: str, *, require_env: str, miss
         pytest.skip(f"no {venv} (make {venv}): {missing}")
     env = dict(os.environ, JAX_PLATFORMS="cpu", **env_extra)
     env.pop("XLA_FLAGS", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the CPU session's cache (conftest.py): not for TPU/GPU targets
     r = subprocess.run([str(python), str(REPO / "tests" / worker), mesh],
                        capture_output=True, text=True, env=env, timeout=1800, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert rows, r.stdout[-2000:] + r.stderr[-2000:]
     return rows[-1]
+
+
+# Tiny transformers models as references (tests/test_families.py, test_phi3.py, test_moe.py).
+
+def randomize_(model) -> None:
+    """Weights larger than transformers' 0.02 init (norm scales around 1), so that windows,
+    routing and norms move the logits measurably."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 if "norm" in name else 0.0) + (0.2 if "norm" in name else 0.1) * torch.randn_like(p))
+
+
+def tensors_of(model) -> list[tuple[str, np.ndarray]]:
+    return [(k, v.detach().numpy().copy()) for k, v in model.state_dict().items()]
+
+
+def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)).logits.float().numpy()
+
+
+def max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))

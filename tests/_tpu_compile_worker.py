@@ -114,6 +114,7 @@ def main() -> None:
         "weight_buffers": weight_buffers, "half_buffers": half_buffers, "score_buffers": score_buffers,
         "u8_copies": u8_copies, "frozen_layout": spec.frozen_layout, "n_instructions": len(shapes),
         "attention_impl": spec.attention_impl, "tpu_custom_calls": hlo.count('custom_call_target="tpu_custom_call"'),
+        "splash_calls": len(re.findall(r"%splash_mha_[\w.]+ = .* custom-call\(", hlo)),
         "attention_scores": attention_score_buffers(shapes, TINY["num_attention_heads"], TINY["num_key_value_heads"]),
         "seq": SEQ, "per_chip": PER_CHIP, "platform": devices[0].platform,
     }))

@@ -7,16 +7,14 @@ masking, online softmax and the dq / dkv backward kernels), not a reimplementati
 kernel cannot run without a GPU; its call (causal flag, segment mask, window) is checked through
 jax's XLA implementation, and its compile for H100 is checked in ``.venv-cuda``.
 
-The compile tests (``slow``) build the tiny model's training step for a v5e:2x2 topology and for
-4 H100s (tests/_tpu_compile_worker.py, tests/_gpu_compile_worker.py) and look in the optimized
-HLO for buffers shaped like attention scores ``[b, heads, t, s]``.
+The compiled training steps (splash on a v5e:2x2 topology, cuDNN on 4 H100s: no buffer shaped like
+attention scores ``[b, heads, t, s]`` in the optimized HLO) are checked in tests/test_tpu_compile.py
+and tests/test_gpu_compile.py, on the same compile as their memory figures.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import chex
 import jax
@@ -28,9 +26,6 @@ from flax import nnx
 from qlora_jax.errors import UserError
 from qlora_jax.models import CausalLM, ModelConfig, layers
 from qlora_jax.models.attention_kernels import cudnn_attention, splash_attention
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _support import compile_in_venv  # noqa: E402
 
 B, HEADS, KV_HEADS, D = 2, 4, 2, 64
 # Measured (2026-12-01, jax 0.10.2, interpret mode): forward 4.8e-7, gradients 1.3e-5 on entries
@@ -163,45 +158,3 @@ def test_trainer_config_names_attention_impl():
     cfg.model.attention_impl = "flash"
     with pytest.raises(ConfigError, match=r"config.model.attention_impl='flash'"):
         validate_config(cfg)
-
-
-# ---------------------------------------------------------------------------------------------
-# Compiled for TPU and GPU targets (no hardware).
-
-def _tpu(impl: str) -> dict:
-    return compile_in_venv(".venv-tpu", "_tpu_compile_worker.py", "4,1,1", require_env="QLORA_REQUIRE_TPU_COMPILE",
-                           missing="the TPU compiler is not installed", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-                           QLORA_ATTENTION_IMPL=impl)
-
-
-@pytest.mark.slow
-def test_v5e_training_step_with_splash_has_no_score_buffers():
-    # (The XLA path's blockwise attention, compiled the same way, allocates [b, heads, 512, <=1024]
-    # f32 scores, which attention_scores lists: 2026-12-01, f32[3, 1, 2, 512, 1024] on a CPU target.)
-    row = _tpu("splash")
-    assert row["platform"] == "tpu" and row["attention_impl"] == "splash"
-    # Mosaic kernels (forward, its rematerialized copy, dq, dkv) and no score-shaped buffer at all.
-    assert row["tpu_custom_calls"] >= 3, row
-    assert row["attention_scores"] == [] and row["score_buffers"] == [], row
-    # 21.5 MiB measured (2026-12-01); one layer's f32 scores [1, 6, 1024, 1024] alone would add 24 MiB.
-    assert 0 < row["temporaries"] < 32 * 2**20, row["temporaries"]
-
-
-def _gpu(impl: str) -> dict:
-    row = compile_in_venv(".venv-cuda", "_gpu_compile_worker.py", "4,1,1", require_env="QLORA_REQUIRE_GPU_COMPILE",
-                          missing="the jax CUDA plugin is not installed", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1",
-                          QLORA_ATTENTION_IMPL=impl)
-    if "skip" in row:
-        pytest.skip(row["skip"])
-    return row
-
-
-@pytest.mark.slow
-def test_h100_training_step_with_cudnn_has_no_score_buffers():
-    row = _gpu("cudnn")
-    assert row["platform"] == "gpu" and row["attention_impl"] == "cudnn"
-    # cuDNN's fused forward and backward per layer step; no [b, heads, t, s] buffer. The packed
-    # batch's same-segment mask [b, 1, t, s] (a bias to cuDNN) is the one t x s array (mask_buffers).
-    assert row["cudnn_calls"] >= 2, row
-    assert row["attention_scores"] == [], row
-    assert all("[1, 1, " in m for m in row["mask_buffers"]), row["mask_buffers"]

@@ -29,14 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _support import REPO, require
+from _support import REPO, max_abs, require, tensors_of, torch_logits
 
 torch = require("torch")
 transformers = require("transformers")
 
 from qlora_jax.errors import ModelFileError  # noqa: E402
 from qlora_jax.inference.generate import Generator  # noqa: E402
-from qlora_jax.lora import PROJECTIONS, LoraConfig  # noqa: E402
+from qlora_jax.lora import PROJECTION_BLOCK, PROJECTIONS, LoraConfig  # noqa: E402
 from qlora_jax.models import ModelConfig, QuantConfig, build_model, iter_hf_tensors, rope_inv_freq  # noqa: E402
 from qlora_jax.objectives.logprobs import token_nll  # noqa: E402
 
@@ -100,19 +100,6 @@ def ablated(family: str, name: str):
     model, _ = hf_model(family, **change)
     model.load_state_dict(REFS[family][0].state_dict())
     return model
-
-
-def tensors_of(model) -> list[tuple[str, np.ndarray]]:
-    return [(k, v.detach().numpy().copy()) for k, v in model.state_dict().items()]
-
-
-def torch_logits(model, ids: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.as_tensor(ids)).logits.float().numpy()
-
-
-def max_abs(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
 IDS = np.random.default_rng(0).integers(0, VOCAB, (2, SEQ)).astype(np.int32)
@@ -306,14 +293,14 @@ def test_full_size_config_matches_transformers(path):
     for i, layer in enumerate(layers):
         attn = layer.self_attn
         window = getattr(attn, "sliding_window", None)
-        if cfg.model_type == "mistral":
-            window = hf_cfg.sliding_window  # MistralAttention passes config.sliding_window
+        if cfg.model_type in ("mistral", "phi3"):  # both attentions pass config.sliding_window
+            window = hf_cfg.sliding_window
         assert (cfg.sliding_window if cfg.sliding_layers[i] else None) == window, i
         assert cfg.attention_scale == pytest.approx(attn.scaling), i
         assert cfg.attn_logit_softcap == (getattr(attn, "attn_logit_softcapping", None)
                                           if cfg.model_type == "gemma2" else None)
     for name, (out_f, in_f) in cfg.linear_shapes().items():
-        block = layers[0].self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layers[0].mlp
+        block = getattr(layers[0], PROJECTION_BLOCK[name])
         assert tuple(getattr(block, name).weight.shape) == (out_f, in_f), name
     assert cfg.final_logit_softcap == getattr(hf_cfg, "final_logit_softcapping", None)
     assert cfg.qk_norm == hasattr(layers[0].self_attn, "q_norm")

@@ -15,6 +15,7 @@ attention scores (blockwise causal attention).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -79,6 +80,22 @@ def test_h100_no_hoisted_nf4_code_value_broadcasts(data_parallel):
     # broadcasts nothing.
     assert data_parallel["level_broadcasts"] == [], sorted(set(data_parallel["level_broadcasts"]))
 
+
+@pytest.mark.slow
+def test_h100_training_step_with_cudnn_has_no_score_buffers(data_parallel):
+    """attention_impl "auto" is cuDNN on a GPU target where jax finds the library (CI installs the
+    nvidia-cudnn-cu12 wheel into .venv-cuda: `make .venv-cuda`)."""
+    row = data_parallel
+    if not row["cudnn_found"]:
+        if os.environ.get("QLORA_REQUIRE_GPU_COMPILE"):
+            pytest.fail("cuDNN not found in .venv-cuda: rebuild it with `make .venv-cuda`")
+        pytest.skip("cuDNN not found in .venv-cuda (pip install nvidia-cudnn-cu12)")
+    assert row["platform"] == "gpu" and row["attention_impl"] == "auto", row
+    # cuDNN's fused forward and backward per layer step; no [b, heads, t, s] buffer. The packed
+    # batch's same-segment mask [b, 1, t, s] (a bias to cuDNN) is the one t x s array (mask_buffers).
+    assert row["cudnn_calls"] >= 2, row
+    assert row["attention_scores"] == [], row
+    assert all("[1, 1, " in m for m in row["mask_buffers"]), row["mask_buffers"]
 
 
 @pytest.mark.slow

@@ -44,9 +44,14 @@ def _expected_argument_bytes(chips_batch: int, chips_weights: int) -> int:
     return (nf4 + dense + adapters) // chips_weights + batch
 
 
+@pytest.fixture(scope="module")
+def data_parallel() -> dict:
+    return _compile("4,1,1")  # one compile (today's defaults: Pallas NF4 matmul, splash) for the tests below
+
+
 @pytest.mark.slow
-def test_v5e_data_parallel_step_memory_and_hlo():
-    row = _compile("4,1,1")
+def test_v5e_data_parallel_step_memory_and_hlo(data_parallel):
+    row = data_parallel
     assert row["platform"] == "tpu"
     expected = _expected_argument_bytes(4, 1)  # data parallel: weights replicated on every chip
     # TPU pads small arrays to its (8, 128) tiles: allow that much on top, never less than the state.
@@ -60,6 +65,20 @@ def test_v5e_data_parallel_step_memory_and_hlo():
     # the NF4 codes or 8-bit absmax (the default layouts give 4 for this model: codes and absmax).
     assert row["frozen_layout"] == "auto"
     assert row["u8_copies"] == [], row["u8_copies"]
+
+
+@pytest.mark.slow
+def test_v5e_training_step_with_splash_has_no_score_buffers(data_parallel):
+    """attention_impl "auto" is splash on a TPU target. (The XLA path's blockwise attention,
+    compiled the same way, allocates [b, heads, 512, <=1024] f32 scores, which attention_scores
+    lists: 2026-12-01, f32[3, 1, 2, 512, 1024] on a CPU target.)"""
+    row = data_parallel
+    assert row["platform"] == "tpu" and row["attention_impl"] == "auto", row
+    # Mosaic kernels (forward, its rematerialized copy, dq, dkv) and no score-shaped buffer at all.
+    assert row["splash_calls"] >= 3 and row["tpu_custom_calls"] >= row["splash_calls"], row
+    assert row["attention_scores"] == [] and row["score_buffers"] == [], row
+    # 21.5 MiB measured (2026-12-01); one layer's f32 scores [1, 6, 1024, 1024] alone would add 24 MiB.
+    assert 0 < row["temporaries"] < 32 * 2**20, row["temporaries"]
 
 
 @pytest.mark.slow

@@ -401,7 +401,7 @@ def test_inconsistent_model_files(tmp_path):
                              f"quotes, column 19)"
     d = _write_model(tmp_path / "gpt2", config=_tiny_config(model_type="gpt2"))
     assert _load_error(d) == f"{d / 'config.json'}: unsupported config key 'model_type' = 'gpt2' " \
-                             f"(supported: llama, qwen2, qwen3, mistral, gemma2, gemma3_text)"
+                             f"(supported: llama, qwen2, qwen3, mistral, gemma2, gemma3_text, phi3, qwen3_moe)"
     d = _write_model(tmp_path / "shape", config=_tiny_config(intermediate_size=48))
     msg = _load_error(d)
     assert msg == f"{d}: tensor 'model.layers.0.mlp.down_proj.weight' has shape (32, 64), the model expects " \

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from qlora_jax.lora import peft_adapter_tensors
 from qlora_jax.lora_init import changes_base
+from qlora_jax.models import moe
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -50,6 +51,8 @@ def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model: str = ""
         return out
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v) for k, v in peft_adapter_tensors(model, _PREFIX).items()}
+    expert_params = moe.adapted_params(model)  # MoE experts: peft's target_parameters (models/moe.py)
+    tensors.update({k: np.ascontiguousarray(v) for k, v in moe.peft_expert_tensors(model, _PREFIX).items()})
     if changes_base(lora.init) and initial is not None:
         tensors = _relative_to_original(tensors, initial)
         rank, alpha = 2 * lora.r, alpha * (2 ** 0.5 if lora.use_rslora else 2)
@@ -72,6 +75,8 @@ def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model: str = ""
         "init_lora_weights": init_weights,
         "modules_to_save": None,
     }
+    if expert_params:
+        config["target_parameters"] = [f"mlp.experts.{p}" for p in expert_params]
     if init_weights == "loftq":
         config["loftq_config"] = {"loftq_bits": 4, "loftq_iter": lora.loftq_iter}
     if len(layers) != model.config.num_hidden_layers:
@@ -132,9 +137,34 @@ def load_peft_adapter(model, adapter_dir: str | os.PathLike) -> None:
             continue
         entry = by_linear.setdefault(id(view.linear), (view.linear, []))
         entry[1].append((view.layer, tensors[ka], tensors[kb], tensors.get(km) if lora.use_dora else None))
+    expert_params = moe.adapted_params(model)
+    experts = model.layers.mlp.experts if expert_params else None
+    expert_values = {p: [np.array(getattr(getattr(experts, p), k).get_value(), np.float32) for k in ("lora_a", "lora_b")]
+                     for p in expert_params}
+    # peft nests one wrapper per target parameter in its config's order: that order names the keys.
+    order = tuple(dict.fromkeys(p for t in cfg.get("target_parameters") or () for p in moe.EXPERT_PARAMS
+                                if t.endswith(p)))
+    missing += [f"mlp.experts.{p} (not in the adapter's target_parameters)" for p in expert_params if p not in order]
+    for layer in range(model.config.num_hidden_layers if expert_params else 0):
+        keys = moe.peft_keys(layer, order)
+        for p, module in ((p, keys[p]) for p in expert_params if p in keys):
+            ka, kb = f"{_PREFIX}{module}.lora_A.weight", f"{_PREFIX}{module}.lora_B.weight"
+            if ka not in tensors or kb not in tensors:
+                missing.append(f"model.layers.{layer}.mlp.experts.{p}")
+                continue
+            a, b = moe.from_peft(tensors[ka], tensors[kb], model.config.num_experts)
+            for arr, t in zip(expert_values[p], (a, b)):
+                if arr[layer].shape != t.shape:
+                    raise ValueError(f"adapter tensor {ka if t is a else kb} of shape {t.shape} does not fit "
+                                     f"(expected {arr[layer].shape})")
+                arr[layer] = t
     if missing:
         raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS} lacks adapters for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
+    for p, arrays in expert_values.items():
+        linear = getattr(experts, p)
+        for var, arr in zip((linear.lora_a, linear.lora_b), arrays):
+            var.set_value(_like(var.get_value(), arr))
     for linear, items in by_linear.values():
         variables = [linear.lora_a, linear.lora_b] + ([linear.lora_magnitude] if lora.use_dora else [])
         arrays = [np.array(v.get_value(), np.float32) for v in variables]

@@ -24,6 +24,18 @@ Family differences, as transformers implements them:
   transformers ignores ``attn_logit_softcapping`` here, so we do too), one global layer in
   ``sliding_window_pattern`` (default 6), sliding layers with their own rope base
   (``rope_local_base_freq``, unscaled) and the rope scaling on global layers only.
+* phi3 (Phi-3, Phi-4-mini): LLaMA without biases, but with fused linears -- one ``qkv_proj``
+  ``[q_size + 2 kv_size, hidden]`` (split q | k | v) and one ``gate_up_proj``
+  ``[2 intermediate, hidden]`` (first half gate, second half up), each quantized and adapted as
+  one matrix, as bitsandbytes and peft do; ``partial_rotary_factor`` (rope rotates only the first
+  ``int(head_dim * factor)`` dims of each head); ``sliding_window`` (may be null) on every layer
+  as in mistral. Rope scaling ("longrope", Phi-3-128k) is not supported.
+* qwen3_moe: qwen3 attention (q/k norms, explicit ``head_dim``) with a sparse MoE block in place
+  of the MLP on every layer (``qlora_jax.models.moe``): a float32 softmax router ``mlp.gate``
+  ``[num_experts, hidden]``, top-``num_experts_per_tok`` experts per token (renormalized when
+  ``norm_topk_prob``), fused expert weights ``mlp.experts.gate_up_proj [E, 2 moe_inter, hidden]``
+  and ``down_proj [E, hidden, moe_inter]``. Dense-MLP layers (``decoder_sparse_step`` != 1,
+  ``mlp_only_layers``) are not supported.
 """
 
 from __future__ import annotations
@@ -36,7 +48,8 @@ from typing import Any
 from qlora_jax.errors import ModelFileError
 from qlora_jax.models import params as params_lib
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3",
+                         "qwen3_moe")
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # SwiGLU / GeGLU (tanh-approximated GELU)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -62,6 +75,12 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                         attention_bias=False, hidden_activation="gelu_pytorch_tanh", head_dim=256,
                         query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
                         rope_theta=1_000_000.0, rope_local_base_freq=10_000.0),
+    "phi3": dict(max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                 hidden_act="silu"),
+    "qwen3_moe": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                      attention_bias=False, hidden_act="silu", num_experts=128, num_experts_per_tok=8,
+                      moe_intermediate_size=768, norm_topk_prob=False, router_aux_loss_coef=0.001,
+                      output_router_logits=False, decoder_sparse_step=1),
 }
 _GEMMA = ("gemma2", "gemma3_text")
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -127,6 +146,14 @@ class ModelConfig:
     embed_scale: bool = False  # input embeddings times sqrt(hidden_size), in the compute dtype (gemma)
     norm_plus_one: bool = False  # RMSNorm weight applied as (1 + w), in float32 (gemma)
     sandwich_norms: bool = False  # also norm the attention and MLP outputs: four norms per layer (gemma)
+    fused_projections: bool = False  # one qkv_proj and one gate_up_proj linear instead of five (phi3)
+    partial_rotary_factor: float = 1.0  # rope rotates the first int(head_dim * this) dims of each head (phi3)
+    num_experts: int = 0  # experts per MoE layer; 0 = a dense MLP (qwen3_moe: every layer is MoE)
+    num_experts_per_tok: int = 0  # top-k experts each token is routed to (qwen3_moe)
+    moe_intermediate_size: int = 0  # hidden units of one expert (qwen3_moe)
+    norm_topk_prob: bool = False  # renormalize the top-k router probabilities to sum to 1 (qwen3_moe)
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss when output_router_logits (qwen3_moe)
+    output_router_logits: bool = False  # add router_aux_loss_coef * load-balancing loss to the SFT loss
     # Runtime knobs, not part of the HF config.
     remat_policy: str = "none"  # per decoder layer: "none" | "projections" | "full" | "dots" | "dots_no_batch"
     # "auto" (splash on TPU, cuDNN on GPU, "jax" elsewhere) | "jax" (jax.nn.dot_product_attention) | "einsum"
@@ -143,6 +170,12 @@ class ModelConfig:
                              f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ModelFileError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2 or not self.rotary_dim:
+            raise ModelFileError(f"partial_rotary_factor {self.partial_rotary_factor!r} must be in (0, 1] and give "
+                                 f"an even, non-zero rotary dim (head_dim {self.head_dim})")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ModelFileError(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                                 f"got {self.num_experts_per_tok}")
         if self.hidden_act not in HIDDEN_ACTS:
             raise ModelFileError(f"hidden_act {self.hidden_act!r} is not supported ({', '.join(HIDDEN_ACTS)})")
         if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
@@ -187,6 +220,11 @@ class ModelConfig:
                      else self.head_dim) ** -0.5
 
     @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that rope rotates (the first ones; transformers' ``int(head_dim * factor)``)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
     def q_size(self) -> int:
         return self.num_attention_heads * self.head_dim
 
@@ -194,8 +232,29 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
+    @property
+    def qkv_size(self) -> int:
+        """Output features of a fused ``qkv_proj`` (phi3): q | k | v."""
+        return self.q_size + 2 * self.kv_size
+
+    @property
+    def gate_up_size(self) -> int:
+        """Output features of a fused ``gate_up_proj`` (phi3): gate | up."""
+        return 2 * self.intermediate_size
+
+    @property
+    def moe_gate_up_size(self) -> int:
+        """Output features of one expert's fused ``gate_up_proj`` (qwen3_moe): gate | up."""
+        return 2 * self.moe_intermediate_size
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The decoder-layer linears of this model, transformers' (and peft's) names, in order:
+        the seven of LLaMA, or phi3's ``qkv_proj, o_proj, gate_up_proj, down_proj``."""
+        return tuple(params_lib.linear_shapes(self))
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """HF ``[out, in]`` weight shape of each of the seven linears of one decoder layer.
+        """HF ``[out, in]`` weight shape of each linear of one decoder layer (``projections``).
 
         Read from the parameter declaration (``qlora_jax.models.params.WEIGHTS``).
         """
@@ -207,7 +266,7 @@ class ModelConfig:
         return params_lib.param_specs(self, quant=quant, lora=lora)
 
     def linear_has_bias(self, name: str) -> bool:
-        if name in ("q_proj", "k_proj", "v_proj"):
+        if name in ("q_proj", "k_proj", "v_proj", "qkv_proj"):
             return self.qkv_bias
         if name == "o_proj":
             return self.o_bias
@@ -284,11 +343,19 @@ class ModelConfig:
         elif model_type == "qwen3":
             fields.update(qkv_bias=bool(get("attention_bias")), o_bias=bool(get("attention_bias")),
                           qk_norm=True)
-        elif model_type == "mistral":
+        elif model_type == "qwen3_moe":
+            fields.update(qkv_bias=bool(get("attention_bias")), o_bias=bool(get("attention_bias")),
+                          qk_norm=True, **_moe_fields(config, get))
+        elif model_type in ("mistral", "phi3"):
             window = config.get("sliding_window")  # null: full attention everywhere
             if window is not None:
                 fields.update(sliding_window=int(window),
                               layer_types=("sliding_attention",) * fields["num_hidden_layers"])
+            if model_type == "phi3":
+                if rope_scaling is not None:
+                    raise ModelFileError(f"unsupported config key 'rope_scaling' for phi3: rope_type "
+                                         f"{rope_scaling.rope_type!r} (supported: 'default')")
+                fields.update(fused_projections=True, partial_rotary_factor=_partial_rotary_factor(config))
         else:  # gemma2, gemma3_text
             fields.update(qkv_bias=bool(get("attention_bias")), o_bias=bool(get("attention_bias")),
                           sliding_window=_int_or_none(get("sliding_window"), "sliding_window"),
@@ -303,6 +370,35 @@ class ModelConfig:
                 fields.update(qk_norm=True)
         fields.update(overrides)
         return cls(**fields)
+
+
+def _moe_fields(config: dict, get) -> dict[str, Any]:
+    """The MoE fields of a qwen3_moe config; only all-sparse models (every layer an MoE block)."""
+    if int(get("decoder_sparse_step")) != 1:
+        raise ModelFileError(f"unsupported config key 'decoder_sparse_step' = {config['decoder_sparse_step']!r} "
+                             f"(only 1: every layer sparse)")
+    if config.get("mlp_only_layers"):
+        raise ModelFileError(f"unsupported config key 'mlp_only_layers' = {config['mlp_only_layers']!r} "
+                             f"(dense-MLP layers in an MoE model)")
+    experts = config.get("num_experts", config.get("num_local_experts"))
+    return dict(num_experts=int(get("num_experts") if experts is None else experts),
+                num_experts_per_tok=int(get("num_experts_per_tok")),
+                moe_intermediate_size=int(get("moe_intermediate_size")),
+                norm_topk_prob=bool(get("norm_topk_prob")),
+                router_aux_loss_coef=float(get("router_aux_loss_coef")),
+                output_router_logits=bool(get("output_router_logits")))
+
+
+def _partial_rotary_factor(config: dict) -> float:
+    """``rope_parameters.partial_rotary_factor`` (5.x), else the top-level key (older files), else 1."""
+    nested = config.get("rope_parameters") or {}
+    value = nested.get("partial_rotary_factor") if isinstance(nested, dict) else None
+    value = config.get("partial_rotary_factor") if value is None else value
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ModelFileError(f"config key 'partial_rotary_factor' must be a number, got {value!r}")
+    return float(value)
 
 
 def _int_or_none(value: Any, key: str) -> int | None:

@@ -446,13 +446,16 @@ def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
 # Rotary position embeddings.
 
 def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
-    """Inverse frequencies ``[head_dim / 2]`` (float32), with the config's rope scaling applied.
+    """Inverse frequencies ``[rotary_dim / 2]`` (float32), with the config's rope scaling applied.
+
+    ``rotary_dim`` is ``head_dim`` except with a ``partial_rotary_factor`` (phi3), where the
+    frequencies are those of a head of ``rotary_dim`` dims, as transformers computes them.
 
     Computed in float32 in the same order of operations as transformers, so that the angles, and
     therefore long-position logits, agree closely. ``local``: the sliding layers' rope
     (``config.rope_local_theta``, unscaled; gemma3) when the config has one.
     """
-    dim = config.head_dim
+    dim = config.rotary_dim
     local = local and config.rope_local_theta is not None
     theta = config.rope_local_theta if local else config.rope_theta
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
@@ -476,14 +479,21 @@ def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """``cos, sin [batch, seq, head_dim]`` for integer ``positions [batch, seq]`` (angles in f32)."""
+    """``cos, sin [batch, seq, rotary_dim]`` for integer ``positions [batch, seq]`` (angles in f32)."""
     freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [b, s, d/2]
     angles = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate ``x [batch, seq, heads, head_dim]`` in HF's half-split layout (rotate_half)."""
+    """Rotate ``x [batch, seq, heads, head_dim]`` in HF's half-split layout (rotate_half).
+
+    When ``cos`` / ``sin`` cover fewer dims than a head (partial rotary, phi3), only the first
+    ``cos.shape[-1]`` dims of each head are rotated and the rest pass through, as transformers does.
+    """
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], axis=-1)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]

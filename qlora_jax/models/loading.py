@@ -30,6 +30,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from qlora_jax import lora as lora_lib
 from qlora_jax import lora_init
 from qlora_jax.errors import ModelFileError
+from qlora_jax.models import moe
 from qlora_jax.models.config import ModelConfig, QuantConfig
 from qlora_jax.models.layers import QuantParam, quantize_jit
 from qlora_jax.models.model import CausalLM
@@ -65,7 +66,7 @@ def hf_name_table(model: CausalLM) -> dict[str, _Slot]:
             table["model." + ".".join(path)] = _Slot(path, None)
     for i in range(model.config.num_hidden_layers):
         for path in stacked:
-            table[f"model.layers.{i}." + ".".join(path[1:])] = _Slot(path, i)
+            table[moe.hf_param_name(f"model.layers.{i}." + ".".join(path[1:]))] = _Slot(path, i)
     for path in top:
         if path[0] == "norm":
             table["model." + ".".join(path)] = _Slot(path, None)
@@ -118,6 +119,19 @@ def _quantized_fields(name: str, tensor: Any, abstract: Quant4bit, per_layer: di
                                  f"model's {dtype}{list(shape)}")
         fields[field] = value.reshape(shape)  # e.g. bitsandbytes' flat [n/2, 1] -> [out, in/2]
     return fields
+
+
+def _quantized_expert_fields(name: str, tensor: Any, abstract: Quant4bit, per_layer: dict[str, tuple]) -> dict:
+    """One layer's MoE experts ``[E, out, in]``: each expert quantized alone (the bytes bitsandbytes
+    gives that ``[out, in]`` matrix), the fields stacked along a leading expert axis."""
+    if isinstance(tensor, Quant4bit):
+        raise ModelFileError(f"{name!r}: pre-quantized MoE experts are not supported (give float weights)")
+    arr = _as_numpy(tensor)
+    num_experts = per_layer["offset"][0][0]
+    _check_shape(name, arr.shape, (num_experts,) + tuple(abstract.shape))
+    per_expert = {f: (shape[1:], dtype) for f, (shape, dtype) in per_layer.items()}
+    rows = [_quantized_fields(f"{name}[{e}]", arr[e], abstract, per_expert) for e in range(num_experts)]
+    return {f: np.stack([row[f] for row in rows]) for f in _QUANT_FIELDS}
 
 
 def _leaf_sharding(mesh: Mesh | None, shardings: Shardings | None, name: str, shape: tuple):
@@ -196,6 +210,8 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
         else:
             placed[path] = place(name, value)
 
+    if config.num_experts:  # per-expert checkpoint tensors -> the fused [E, ...] ones (models/moe.py)
+        tensors = moe.fuse_expert_tensors(tensors, config.num_experts)
     for name, tensor in tensors:
         slot = table.get(name)
         if slot is None:
@@ -214,7 +230,8 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
         if isinstance(var, QuantParam):
             per_layer = {f: (getattr(abstract, f).shape[1 if stacked else 0:], getattr(abstract, f).dtype)
                          for f in _QUANT_FIELDS}
-            fields = _quantized_fields(name, tensor, abstract, per_layer)
+            quantized = _quantized_expert_fields if "experts" in slot.path else _quantized_fields
+            fields = quantized(name, tensor, abstract, per_layer)
             if not stacked:
                 place_path(slot.path, fields)
                 continue
@@ -291,9 +308,14 @@ def iter_hf_tensors(model: CausalLM, *, merge_lora: bool = False,
         if slot.layer is not None:
             value = jax.tree.map(operator.itemgetter(slot.layer), value)
         if isinstance(var, QuantParam):
-            value = dequantize_4bit(value, jnp.float32)
+            value = (moe.materialize_experts_jit(value, dtype=jnp.float32) if "experts" in slot.path
+                     else dequantize_4bit(value, jnp.float32))
         value = np.asarray(value, np.float32)
         proj = slot.path[-2]
+        lora_a = variables.get(slot.path[:-1] + ("lora_a",))
+        if merge_lora and "experts" in slot.path and lora_a is not None:  # MoE: W_e + s B_e A_e per expert
+            lora_b = variables[slot.path[:-1] + ("lora_b",)]
+            value = moe.merged_experts(value, lora_a.get_value()[slot.layer], lora_b.get_value()[slot.layer], scale)
         if merge_lora and slot.path[-1] == "weight" and proj in masks and masks[proj][slot.layer]:
             a, b = (np.asarray(variables[slot.path[:-1] + (k,)].get_value()[slot.layer], np.float32)
                     for k in ("lora_a", "lora_b"))

@@ -15,6 +15,10 @@ into a leading axis of every decoder-layer array)::
     layers.post_attention_layernorm.weight      BaseParam [L, hidden]
     layers.{pre,post}_feedforward_layernorm.weight  BaseParam [L, hidden] (gemma: sandwich norms)
     layers.mlp.{gate,up,down}_proj.*            as the attention projections
+    layers.self_attn.qkv_proj.*, layers.mlp.gate_up_proj.*   phi3's fused linears, in place of
+                                                q/k/v [L, q + 2 kv, hidden] and gate/up [L, 2 inter, hidden]
+    layers.mlp.gate.weight, layers.mlp.experts.{gate_up,down}_proj.*   qwen3_moe's router [L, E, hidden]
+                                                and experts [L, E, out, in] in place of the MLP (models/moe.py)
     norm.weight                                 BaseParam [hidden]
     lm_head.weight                              BaseParam [vocab, hidden] (untied only)
 
@@ -45,7 +49,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax import lora as lora_lib
-from qlora_jax.models import kv_cache, layers
+from qlora_jax.models import kv_cache, layers, moe
 from qlora_jax.models.config import ModelConfig, QuantConfig
 
 # Residuals kept by the "projections" policy: the outputs of the q/k/v and gate/up projections
@@ -54,7 +58,7 @@ from qlora_jax.models.config import ModelConfig, QuantConfig
 # in the backward pass: elementwise work and the attention matmuls, never a projection.
 # "dora_norm": DoRA's per-row weight norms [out] (tiny; recomputing them would decode W again).
 SAVED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "attn_residual", "gate_proj", "up_proj",
-                     "dora_norm")
+                     "dora_norm", "qkv_proj", "gate_up_proj")  # the last two: phi3's fused outputs
 
 _REMAT_POLICIES = {
     "projections": jax.checkpoint_policies.save_only_these_names(*SAVED_PROJECTIONS),
@@ -69,14 +73,23 @@ def default_compute_dtype() -> jnp.dtype:
     return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
 
 
+def _block_linears(config: ModelConfig, block: str) -> tuple[str, ...]:
+    """The linears of one block ("self_attn" or "mlp") of a decoder layer of this config."""
+    return tuple(p for p in config.projections if lora_lib.PROJECTION_BLOCK[p] == block)
+
+
 class Attention(nnx.Module):
-    """Grouped-query self-attention with rotary embeddings (and per-head q/k RMSNorm for qwen3)."""
+    """Grouped-query self-attention with rotary embeddings (and per-head q/k RMSNorm for qwen3).
+
+    With ``config.fused_projections`` (phi3) one ``qkv_proj`` linear computes q | k | v, split
+    along its output after the (frozen + adapter) matmul, as transformers does.
+    """
 
     def __init__(self, config: ModelConfig, layer_lora: dict[str, lora_lib.LoraConfig | None],
                  quant: QuantConfig | None, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.config = config
         shapes = config.linear_shapes()
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for name in _block_linears(config, "self_attn"):
             out_f, in_f = shapes[name]
             setattr(self, name, layers.QLoRALinear(
                 in_f, out_f, use_bias=config.linear_has_bias(name), quant=quant, lora=layer_lora[name],
@@ -102,9 +115,16 @@ class Attention(nnx.Module):
         """
         b, s, _ = x.shape
         c = self.config
-        q = checkpoint_name(self.q_proj(x, **lora_kw["q_proj"]), "q_proj").reshape(b, s, c.num_attention_heads, c.head_dim)
-        k = checkpoint_name(self.k_proj(x, **lora_kw["k_proj"]), "k_proj").reshape(b, s, c.num_key_value_heads, c.head_dim)
-        v = checkpoint_name(self.v_proj(x, **lora_kw["v_proj"]), "v_proj").reshape(b, s, c.num_key_value_heads, c.head_dim)
+        if c.fused_projections:
+            qkv = checkpoint_name(self.qkv_proj(x, **lora_kw["qkv_proj"]), "qkv_proj")  # [b, s, q + 2 kv]
+            q, k, v = jnp.split(qkv, [c.q_size, c.q_size + c.kv_size], axis=-1)
+        else:
+            q = checkpoint_name(self.q_proj(x, **lora_kw["q_proj"]), "q_proj")
+            k = checkpoint_name(self.k_proj(x, **lora_kw["k_proj"]), "k_proj")
+            v = checkpoint_name(self.v_proj(x, **lora_kw["v_proj"]), "v_proj")
+        q = q.reshape(b, s, c.num_attention_heads, c.head_dim)
+        k = k.reshape(b, s, c.num_key_value_heads, c.head_dim)
+        v = v.reshape(b, s, c.num_key_value_heads, c.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
@@ -117,12 +137,16 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Gated feed-forward: ``down(act(gate(x)) * up(x))``, SwiGLU (silu) or GeGLU (tanh GELU, gemma)."""
+    """Gated feed-forward: ``down(act(gate(x)) * up(x))``, SwiGLU (silu) or GeGLU (tanh GELU, gemma).
+
+    With ``config.fused_projections`` (phi3) one ``gate_up_proj`` computes gate | up (halves of its output).
+    """
 
     def __init__(self, config: ModelConfig, layer_lora: dict[str, lora_lib.LoraConfig | None],
                  quant: QuantConfig | None, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         shapes = config.linear_shapes()
-        for name in ("gate_proj", "up_proj", "down_proj"):
+        self.fused = config.fused_projections
+        for name in _block_linears(config, "mlp"):
             out_f, in_f = shapes[name]
             setattr(self, name, layers.QLoRALinear(
                 in_f, out_f, use_bias=config.linear_has_bias(name), quant=quant, lora=layer_lora[name],
@@ -130,8 +154,13 @@ class MLP(nnx.Module):
         self.gelu = config.hidden_act == "gelu_pytorch_tanh"
 
     def __call__(self, x, *, lora_kw: dict[str, dict]) -> jax.Array:
-        gate = checkpoint_name(layers.shard_activation(self.gate_proj(x, **lora_kw["gate_proj"]), "tensor"), "gate_proj")
-        up = checkpoint_name(layers.shard_activation(self.up_proj(x, **lora_kw["up_proj"]), "tensor"), "up_proj")
+        if self.fused:
+            gate_up = checkpoint_name(self.gate_up_proj(x, **lora_kw["gate_up_proj"]), "gate_up_proj")  # [b, s, 2 inter]
+            gate, up = (layers.shard_activation(t, "tensor") for t in jnp.split(gate_up, 2, axis=-1))
+        else:
+            gate = checkpoint_name(layers.shard_activation(self.gate_proj(x, **lora_kw["gate_proj"]), "tensor"),
+                                   "gate_proj")
+            up = checkpoint_name(layers.shard_activation(self.up_proj(x, **lora_kw["up_proj"]), "tensor"), "up_proj")
         act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
         return self.down_proj(act * up, **lora_kw["down_proj"])
 
@@ -153,7 +182,10 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = norm()
         self.self_attn = Attention(config, layer_lora, quant, dtype, param_dtype, rngs)
         self.post_attention_layernorm = norm()
-        self.mlp = MLP(config, layer_lora, quant, dtype, param_dtype, rngs)
+        if config.num_experts:  # qwen3_moe (models/moe.py); its expert adapters come from lora.target_parameters
+            self.mlp = moe.SparseMoeBlock(config, layer_lora.get("mlp.experts"), quant, dtype, param_dtype, rngs)
+        else:
+            self.mlp = MLP(config, layer_lora, quant, dtype, param_dtype, rngs)
         if config.sandwich_norms:
             self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
         else:
@@ -229,12 +261,14 @@ class CausalLM(nnx.Module):
         n = config.num_hidden_layers
         adapter_key = rngs.lora()  # drawn first: build_model derives the same key from its seed
 
-        masks = {p: lora.layer_mask(n, p) if lora is not None else (False,) * n for p in lora_lib.PROJECTIONS}
+        masks = {p: lora.layer_mask(n, p) if lora is not None else (False,) * n for p in config.projections}
         if lora is not None:
-            lora.targeted_modules(n)  # raises if the targets select nothing
+            lora.targeted_modules(n, config.projections)  # raises if the targets select nothing
         # Per projection: which layers are adapted (static), e.g. (("q_proj", (True, False)), ...).
-        self.lora_layer_mask = tuple((p, masks[p]) for p in lora_lib.PROJECTIONS)
-        layer_lora = {p: (lora if any(masks[p]) else None) for p in lora_lib.PROJECTIONS}
+        self.lora_layer_mask = tuple((p, masks[p]) for p in config.projections)
+        layer_lora = {p: (lora if any(masks[p]) else None) for p in config.projections}
+        if config.num_experts:
+            layer_lora["mlp.experts"] = lora  # MoE: the block reads lora.target_parameters (models/moe.py)
 
         self.embed_tokens = layers.Embedding(config.vocab_size, config.hidden_size, dtype=self.dtype,
                                              param_dtype=self.param_dtype, rngs=rngs,
@@ -280,6 +314,21 @@ class CausalLM(nnx.Module):
         """
         return self._forward(input_ids, positions, segment_ids, lora_enabled, deterministic, rngs, "hidden")
 
+    def hidden_and_router_logits(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+                                 segment_ids: jax.Array | None = None, lora_enabled: bool = True,
+                                 deterministic: bool = True,
+                                 rngs: nnx.Rngs | jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """MoE models: :meth:`hidden_states` and every layer's router logits ``[layers, batch * seq,
+        experts]`` (float32), the input of ``moe.load_balancing_loss``."""
+        if not self.config.num_experts:
+            raise ValueError(f"{self.config.model_type} has no router (not a mixture of experts)")
+        return self._forward(input_ids, positions, segment_ids, lora_enabled, deterministic, rngs, "hidden_router")
+
+    def router_aux_loss(self, router_logits: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """transformers' load-balancing loss of :meth:`hidden_and_router_logits`' router logits
+        (``moe.load_balancing_loss``; ``attention_mask [batch, seq]``, 1 = real token), unweighted."""
+        return moe.load_balancing_loss(router_logits, self.config.num_experts_per_tok, attention_mask)
+
     def lm_head_weight(self) -> jax.Array:
         """The output projection ``[vocab, hidden]`` in the compute dtype (tied or not)."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
@@ -323,7 +372,8 @@ class CausalLM(nnx.Module):
         h, cache = self._run(input_ids, None, None, None, use_lora, cache=cache)
         return h, cache
 
-    def _run(self, input_ids, positions, segment_ids, dropout_key, use_lora: bool, cache=None):
+    def _run(self, input_ids, positions, segment_ids, dropout_key, use_lora: bool, cache=None,
+             with_router_logits: bool = False):
         """Embeddings -> scanned decoder layers -> final norm: ``[batch, seq, hidden]``.
 
         With a ``cache`` (positions and mask then come from it): ``(hidden, updated cache)``.
@@ -381,7 +431,7 @@ class CausalLM(nnx.Module):
             layer_state_i, extra = xs_i
             layer = nnx.merge(graphdef, layer_state_i)
             lora_kw = {}
-            for i, p in enumerate(lora_lib.PROJECTIONS):
+            for i, p in enumerate(c.projections):
                 kw: dict[str, Any] = {"lora_enabled": use_lora}
                 if "key" in extra:
                     kw["dropout_key"] = jax.random.fold_in(extra["key"], i)
@@ -396,7 +446,9 @@ class CausalLM(nnx.Module):
                     cos_i = jnp.where(extra["sliding"], local_cos, cos)
                     sin_i = jnp.where(extra["sliding"], local_sin, sin)
             if cache is None:
-                return layer(carry, cos=cos_i, sin=sin_i, mask=mask_i, lora_kw=lora_kw, kernel_kw=kernel_kw), None
+                out = layer(carry, cos=cos_i, sin=sin_i, mask=mask_i, lora_kw=lora_kw, kernel_kw=kernel_kw)
+                # MoE: this layer's router logits [b * s, E] float32, stacked by the scan
+                return out, (layer.mlp.router_logits.get_value() if c.num_experts else None)
             h, (k_all, v_all) = carry
             kv = (k_all, v_all, extra["layer"], cache.index)
             return layer(h, cos=cos_i, sin=sin_i, mask=mask_i, lora_kw=lora_kw, kv=kv), None
@@ -405,8 +457,8 @@ class CausalLM(nnx.Module):
             step = jax.checkpoint(step, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
         h = self.embed_tokens(input_ids)
         if cache is None:
-            h, _ = jax.lax.scan(step, h, (layer_state, xs))
-            return self.norm(h)
+            h, router_logits = jax.lax.scan(step, h, (layer_state, xs))
+            return (self.norm(h), router_logits) if with_router_logits else self.norm(h)
         (h, (k_all, v_all)), _ = jax.lax.scan(step, (h, (cache.k, cache.v)), (layer_state, xs))
         cache = dataclasses.replace(cache, k=k_all, v=v_all, index=cache.index + seq)
         return self.norm(h), cache
@@ -416,7 +468,7 @@ class CausalLM(nnx.Module):
         """Every decoder linear of every layer, in transformers order (layer, then q..down)."""
         masks = dict(self.lora_layer_mask)
         for i in range(self.config.num_hidden_layers):
-            for p in lora_lib.PROJECTIONS:
+            for p in self.config.projections:
                 linear = getattr(getattr(self.layers, lora_lib.PROJECTION_BLOCK[p]), p)
                 adapted = linear.adapted and masks[p][i]
                 yield LinearView(f"model.{lora_lib.module_path(i, p)}", p, i, linear, adapted, linear.scale)
@@ -430,5 +482,7 @@ def _forward_jit(graphdef, state, input_ids, positions, segment_ids, dropout_key
     under an outer ``jit`` / ``grad`` this nested jit is simply inlined.
     """
     model = nnx.merge(graphdef, state)
+    if output == "hidden_router":  # MoE: (hidden, router logits [layers, batch * seq, experts])
+        return model._run(input_ids, positions, segment_ids, dropout_key, use_lora, with_router_logits=True)
     h = model._run(input_ids, positions, segment_ids, dropout_key, use_lora)
     return model.logits_from_hidden(h) if output == "logits" else h

@@ -1,7 +1,7 @@
 """Every parameter of the model, declared once: HF ``[out, in]`` shape, dtype role, logical axes.
 
 ``WEIGHTS`` is the declaration: one entry per weight of the model (the embedding, each decoder
-layer's norms (four with gemma's sandwich norms), 7 projections and Qwen3's / Gemma 3's
+layer's norms (four with gemma's sandwich norms), 7 projections (4 fused ones for Phi-3) and Qwen3's / Gemma 3's
 ``q_norm`` / ``k_norm``, the final norm, ``lm_head``),
 giving its shape as ``ModelConfig`` attribute names, the logical name of each dimension and
 whether it lives in the stacked (scanned) decoder. The arrays a weight is stored as follow from
@@ -25,6 +25,12 @@ Derived from it:
   (``param_sharding_fn``).
 
 Norms are declared replicated (``(None,)``): they are tiny and every shard needs all of them.
+
+MoE (qwen3_moe, ``qlora_jax.models.moe``): the router ``layers.mlp.gate`` (kind ``ROUTER``,
+unquantized, replicated) and the fused experts ``layers.mlp.experts.{gate_up,down}_proj``
+(kind ``EXPERTS``, ``[E, out, in]``) replace the dense MLP. Every expert leaf keeps the leading
+``"expert"`` axis (NF4 fields one set per expert; ``lora_a [E, r, in]``, ``lora_b [E, out, r]``),
+which the sharding table maps to fsdp.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ if TYPE_CHECKING:
 Axes = tuple[str | None, ...]
 
 LINEAR, NORM, EMBEDDING = "linear", "norm", "embedding"
+EXPERTS, ROUTER = "experts", "router"  # MoE (qwen3_moe): stacked per-expert linears [E, out, in]; the router [E, hidden]
 QUANT_FIELDS = ("packed", "absmax", "nested_absmax", "offset")  # the arrays of a Quant4bit
 NESTED_BLOCKSIZE = 256  # = qlora_jax.quant.codes.NESTED_BLOCKSIZE (not imported: that pulls in jax)
 
@@ -70,8 +77,24 @@ class Weight:
     present: Callable[[ModelConfig], bool] = lambda config: True
 
 
-def _proj(out: str, in_: str, axes: Axes) -> Weight:
-    return Weight((out, in_), axes, LINEAR, stacked=True)
+def _proj(out: str, in_: str, axes: Axes, present: Callable[[ModelConfig], bool] = lambda config: True) -> Weight:
+    return Weight((out, in_), axes, LINEAR, stacked=True, present=present)
+
+
+def _unfused(config: ModelConfig) -> bool:  # q, k, v and gate, up as separate linears
+    return not config.fused_projections
+
+
+def _fused(config: ModelConfig) -> bool:  # phi3: qkv_proj and gate_up_proj
+    return config.fused_projections
+
+
+def _dense_mlp(config: ModelConfig) -> bool:  # an MLP block, not an MoE one
+    return not config.num_experts
+
+
+def _moe(config: ModelConfig) -> bool:  # qwen3_moe: every layer's MLP is a sparse MoE block
+    return bool(config.num_experts)
 
 
 def _norm(dim: str, *, stacked: bool, present: Callable[[ModelConfig], bool] = lambda c: True) -> Weight:
@@ -80,12 +103,18 @@ def _norm(dim: str, *, stacked: bool, present: Callable[[ModelConfig], bool] = l
 
 # The declaration, keyed by module path in the model tree ("layers" is the stacked decoder), in
 # transformers' order. Column-parallel q/k/v/gate/up ("heads"/"mlp" out), row-parallel o/down.
+# Phi-3's fused qkv_proj / gate_up_proj carry the same out axes: FSDP shards their "embed" (in)
+# dim like any linear. Under tensor parallelism their output is split over "tensor" in contiguous
+# chunks that do not line up with the q | k | v (gate | up) boundaries; GSPMD then reshards the
+# fused activation when the model slices it (a collective per layer of about the fused output's
+# size, and its transpose in the backward pass): correct, but more traffic than separate linears.
 WEIGHTS: dict[str, Weight] = {
     "embed_tokens": Weight(("vocab_size", "hidden_size"), ("vocab", "embed"), EMBEDDING, stacked=False),
     "layers.input_layernorm": _norm("hidden_size", stacked=True),
-    "layers.self_attn.q_proj": _proj("q_size", "hidden_size", ("heads", "embed")),
-    "layers.self_attn.k_proj": _proj("kv_size", "hidden_size", ("heads", "embed")),
-    "layers.self_attn.v_proj": _proj("kv_size", "hidden_size", ("heads", "embed")),
+    "layers.self_attn.q_proj": _proj("q_size", "hidden_size", ("heads", "embed"), _unfused),
+    "layers.self_attn.k_proj": _proj("kv_size", "hidden_size", ("heads", "embed"), _unfused),
+    "layers.self_attn.v_proj": _proj("kv_size", "hidden_size", ("heads", "embed"), _unfused),
+    "layers.self_attn.qkv_proj": _proj("qkv_size", "hidden_size", ("heads", "embed"), _fused),
     "layers.self_attn.o_proj": _proj("hidden_size", "q_size", ("embed", "heads")),
     "layers.self_attn.q_norm": _norm("head_dim", stacked=True, present=lambda c: c.qk_norm),
     "layers.self_attn.k_norm": _norm("head_dim", stacked=True, present=lambda c: c.qk_norm),
@@ -93,9 +122,19 @@ WEIGHTS: dict[str, Weight] = {
     # gemma: post_attention_layernorm norms the attention output, these two the MLP's input / output.
     "layers.pre_feedforward_layernorm": _norm("hidden_size", stacked=True, present=lambda c: c.sandwich_norms),
     "layers.post_feedforward_layernorm": _norm("hidden_size", stacked=True, present=lambda c: c.sandwich_norms),
-    "layers.mlp.gate_proj": _proj("intermediate_size", "hidden_size", ("mlp", "embed")),
-    "layers.mlp.up_proj": _proj("intermediate_size", "hidden_size", ("mlp", "embed")),
-    "layers.mlp.down_proj": _proj("hidden_size", "intermediate_size", ("embed", "mlp")),
+    "layers.mlp.gate_proj": _proj("intermediate_size", "hidden_size", ("mlp", "embed"),
+                                  lambda c: _unfused(c) and _dense_mlp(c)),
+    "layers.mlp.up_proj": _proj("intermediate_size", "hidden_size", ("mlp", "embed"),
+                                lambda c: _unfused(c) and _dense_mlp(c)),
+    "layers.mlp.gate_up_proj": _proj("gate_up_size", "hidden_size", ("mlp", "embed"), _fused),
+    "layers.mlp.down_proj": _proj("hidden_size", "intermediate_size", ("embed", "mlp"), _dense_mlp),
+    # MoE (qlora_jax.models.moe): the router stays unquantized and replicated (tiny); the experts'
+    # leading dim carries the logical "expert" axis (sharded over fsdp: whole experts per device).
+    "layers.mlp.gate": Weight(("num_experts", "hidden_size"), (None, None), ROUTER, stacked=True, present=_moe),
+    "layers.mlp.experts.gate_up_proj": Weight(("num_experts", "moe_gate_up_size", "hidden_size"),
+                                              ("expert", "mlp", "embed"), EXPERTS, stacked=True, present=_moe),
+    "layers.mlp.experts.down_proj": Weight(("num_experts", "hidden_size", "moe_intermediate_size"),
+                                           ("expert", "embed", "mlp"), EXPERTS, stacked=True, present=_moe),
     "norm": _norm("hidden_size", stacked=False),
     "lm_head": Weight(("vocab_size", "hidden_size"), ("vocab", "embed"), EMBEDDING, stacked=False,
                       present=lambda c: not c.tie_word_embeddings),
@@ -117,6 +156,16 @@ LEAVES: dict[str, dict[str, tuple[str, Callable[[Axes], Axes]]]] = {
         "lora_a": ("lora", lambda ax: ("rank", ax[1])),
         "lora_b": ("lora", lambda ax: (ax[0], "rank")),
         "lora_magnitude": ("lora", lambda ax: ax[:1]),  # DoRA
+    },
+    ROUTER: {"weight": ("param", lambda ax: ax)},
+    EXPERTS: {  # ax = ("expert", out, in); each expert quantized alone, adapters per expert
+        "weight": ("param", lambda ax: ax),
+        "weight.packed": ("codes", lambda ax: ax),
+        "weight.absmax": ("absmax", lambda ax: ax),
+        "weight.nested_absmax": ("stats", lambda ax: (ax[0], "blocks")),
+        "weight.offset": ("stats", lambda ax: ax[:1]),
+        "lora_a": ("lora", lambda ax: (ax[0], "rank", ax[2])),
+        "lora_b": ("lora", lambda ax: (ax[0], ax[1], "rank")),
     },
 }
 
@@ -185,6 +234,12 @@ def param_specs(config: ModelConfig, *, quant: QuantConfig | None = None,
                 leaf_shapes["lora_b"] = (shape[0], lora.r)
                 if lora.use_dora:
                     leaf_shapes["lora_magnitude"] = shape[:1]
+        elif w.kind == EXPERTS:  # [E, out, in]: per-expert NF4 fields and adapters
+            if quant is not None:
+                leaf_shapes = {k: shape[:1] + v for k, v in _quant_shapes(shape[1:], quant).items()}
+            if lora is not None and any(lora.parameter_layer_mask(n, module.split(".", 1)[1])):
+                leaf_shapes["lora_a"] = (shape[0], lora.r, shape[2])
+                leaf_shapes["lora_b"] = (shape[0], shape[1], lora.r)
         for leaf, leaf_shape in leaf_shapes.items():
             role, axes_of = LEAVES[w.kind][leaf]
             specs[f"{module}.{leaf}"] = ParamSpec(tuple(leaf_shape), role, axes_of(w.axes), w.stacked)
@@ -192,9 +247,20 @@ def param_specs(config: ModelConfig, *, quant: QuantConfig | None = None,
 
 
 def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """HF ``[out, in]`` shape of each decoder-layer linear, by projection name (from ``WEIGHTS``)."""
+    """HF ``[out, in]`` shape of each decoder-layer linear the config has, by projection name (from ``WEIGHTS``)."""
     return {module.rsplit(".", 1)[-1]: tuple(getattr(config, dim) for dim in w.shape)
-            for module, w in WEIGHTS.items() if w.kind == LINEAR}
+            for module, w in WEIGHTS.items() if w.kind == LINEAR and w.present(config)}
+
+
+def quantized_matrices(config: ModelConfig) -> dict[str, tuple[int, int, int]]:
+    """Every matrix of one decoder layer that is stored 4-bit: name -> ``(copies, out, in)``; the
+    linears once each, MoE experts ``num_experts`` times (each expert quantized alone)."""
+    out = {name: (1, o, i) for name, (o, i) in linear_shapes(config).items()}
+    for module, w in WEIGHTS.items():
+        if w.kind == EXPERTS and w.present(config):
+            e, o, i = (getattr(config, dim) for dim in w.shape)
+            out[module.split(".", 1)[1]] = (e, o, i)
+    return out
 
 
 def fit_axes(axes: Axes, ndim: int) -> Axes:
@@ -284,9 +350,18 @@ def count_params(config: ModelConfig, lora: LoraConfig | None = None) -> ParamCo
     embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     adapters = 0
     if lora is not None:
-        for path in lora.targeted_modules(n):
+        for path in lora.targeted_modules(n, config.projections):
             out_f, in_f = shapes[path.rsplit(".", 1)[-1]]
             adapters += lora.r * (in_f + out_f) + (out_f if lora.use_dora else 0)
+    if config.num_experts:  # MoE: experts 4-bit like the linears, the router unquantized
+        for module, w in WEIGHTS.items():
+            if w.kind == EXPERTS:
+                e, out_f, in_f = (getattr(config, dim) for dim in w.shape)
+                linear_weights += n * e * out_f * in_f
+                if lora is not None:
+                    layers = sum(lora.parameter_layer_mask(n, module.split(".", 1)[1]))
+                    adapters += layers * e * lora.r * (in_f + out_f)
+        norms += n * config.num_experts * h
     unquantized = biases + norms + embeddings + adapters
     return ParamCounts(total=linear_weights + unquantized, trainable=adapters,
                        total_4bit=linear_weights // 2 + unquantized)

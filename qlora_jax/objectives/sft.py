@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from qlora_jax.objectives.base import forward
 from qlora_jax.objectives.logprobs import masked_nll_sum
@@ -26,16 +27,32 @@ class SFTObjective:
         return None
 
     def loss_sums(self, graphdef, lora, rest, batch, key, reference):
-        s, n = nll_sums(graphdef, lora, rest, batch, key=key, deterministic=False)
+        s, n = nll_sums(graphdef, lora, rest, batch, key=key, deterministic=False, router_aux=True)
         return s, {"tokens": n}
 
 
 def nll_sums(graphdef: Any, lora: Any, rest: Any, batch: dict[str, jax.Array], *, key: Any = None,
-             deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-    """(summed NLL of the loss tokens, number of loss tokens) of a token batch."""
-    model, h = forward(graphdef, lora, rest, batch, key=key, deterministic=deterministic)
-    return masked_nll_sum(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"],
-                          logit_soft_cap=model.config.final_logit_softcap)
+             deterministic: bool = True, router_aux: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(summed NLL of the loss tokens, number of loss tokens) of a token batch.
+
+    ``router_aux`` (training), for a mixture of experts whose config has ``output_router_logits``:
+    the sum also holds ``router_aux_loss_coef * aux * tokens``, so that the mean is transformers'
+    ``loss + router_aux_loss_coef * aux_loss`` (the load-balancing loss over the batch's real,
+    non-padding tokens: ``segment_ids > 0``).
+    """
+    model = nnx.merge(graphdef, lora, rest)
+    c = model.config
+    if not (router_aux and c.num_experts and c.output_router_logits):
+        model, h = forward(graphdef, lora, rest, batch, key=key, deterministic=deterministic)
+        return masked_nll_sum(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"],
+                              logit_soft_cap=c.final_logit_softcap)
+    h, router_logits = model.hidden_and_router_logits(
+        batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+        deterministic=deterministic, rngs=key)
+    s, n = masked_nll_sum(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"],
+                          logit_soft_cap=c.final_logit_softcap)
+    aux = model.router_aux_loss(router_logits, batch["segment_ids"] > 0)
+    return s + c.router_aux_loss_coef * aux * n, n
 
 
 SFT = SFTObjective()

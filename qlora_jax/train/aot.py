@@ -305,7 +305,8 @@ def measure(spec: StepSpec, target: Target, devices: list[Any]) -> StepMemory:
     except Exception as e:  # noqa: BLE001 - XLA raises its own runtime error type
         out.compile_s = time.perf_counter() - t0
         if not _OOM.search(str(e)):
-            raise
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise PlanError(f"{target.name}: the compiler failed, not on memory: {first[:300]}") from e
         out.error = str(e).splitlines()[0][:300]
         m = _NEEDED.search(str(e))
         if m:

@@ -97,6 +97,10 @@ def validate_config(cfg: ConfigDict) -> None:
     if steps is not None and steps <= 0 and not (epochs and epochs > 0):
         errors.append("config.train.max_steps <= 0 needs config.train.epochs > 0")
     errors += _lora_init_errors(cfg)
+    if _get(cfg, "lora.target_parameters") and (_get(cfg, "lora.dropout") or _get(cfg, "lora.use_dora")
+                                                 or lora_init.changes_base(_get(cfg, "lora.init") or "")):
+        errors.append("config.lora.target_parameters (MoE expert adapters) needs config.lora.dropout=0, "
+                      "use_dora=False and init 'peft' or 'gaussian' (as peft's target_parameters)")
     if _get(cfg, "data.train") in (None, ""):
         errors.append("config.data.train: a training file or dataset name is required")
     errors += _objective_errors(cfg)
@@ -273,7 +277,9 @@ def lora_config_from(cfg: ConfigDict) -> LoraConfig:
     return LoraConfig(r=cfg.lora.r, alpha=float(cfg.lora.alpha), dropout=float(cfg.lora.dropout),
                       targets=targets, init=cfg.lora.init, init_std=float(cfg.lora.init_std),
                       use_rslora=bool(cfg.lora.rslora), use_dora=bool(cfg.lora.get("use_dora", False)),
-                      loftq_iter=int(cfg.lora.get("loftq_iter", 1)))
+                      loftq_iter=int(cfg.lora.get("loftq_iter", 1)),
+                      target_parameters=tuple(p.strip() for p in str(cfg.lora.get("target_parameters", "") or "")
+                                              .split(",") if p.strip()))
 
 
 def _section(cls: type, node: ConfigDict | None, **converted: Any) -> Any:
@@ -465,7 +471,8 @@ def lora_record(lora: LoraConfig, model: ModelSection) -> dict[str, Any]:
     return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "targets": lora.targets,
             "init": lora.init, "loftq_iter": lora.loftq_iter, "use_rslora": lora.use_rslora, "use_dora": lora.use_dora,
             "model_source": model.source, "quantize": model.quantize or "none", "blocksize": model.blocksize,
-            "double_quant": model.double_quant}
+            "double_quant": model.double_quant,
+            **({"target_parameters": list(lora.target_parameters)} if lora.target_parameters else {})}
 
 
 __all__ = ["OBJECTIVES", "PREFERENCE_OBJECTIVES", "UNPAIRED_OBJECTIVES", "ConfigError", "RunConfig", "check_inputs", "lora_config_from",

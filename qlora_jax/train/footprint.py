@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from qlora_jax.checkpoints.load import model_config_for
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models import ModelConfig
-from qlora_jax.models.params import count_params
+from qlora_jax.models.params import count_params, quantized_matrices
 from qlora_jax.quant import NESTED_BLOCKSIZE
 from qlora_jax.train.config import PREFERENCE_OBJECTIVES, lora_config_from
 
@@ -47,14 +47,16 @@ def estimate_memory(config: ModelConfig, lora: LoraConfig | None, *, batch: int,
                     compute_dtype: str = "bfloat16", param_dtype: str = "bfloat16", blocksize: int = 64,
                     double_quant: bool = True, remat: str = "none") -> MemoryEstimate:
     counts = count_params(config, lora)
-    shapes = config.linear_shapes()
+    matrices = quantized_matrices(config).values()  # (copies, out, in): MoE experts quantized one by one
     n_layers = config.num_hidden_layers
-    base_4bit = n_layers * sum(quantized_bytes(o * i, blocksize, double_quant) for o, i in shapes.values())
-    linear_numel = n_layers * sum(o * i for o, i in shapes.values())
+    base_4bit = n_layers * sum(e * quantized_bytes(o * i, blocksize, double_quant) for e, o, i in matrices)
+    linear_numel = n_layers * sum(e * o * i for e, o, i in matrices)
     other = counts.total - linear_numel - counts.trainable
     c = _BYTES[compute_dtype]
     tokens = batch * seq
     h, inter = config.hidden_size, config.intermediate_size
+    if config.num_experts:  # MoE: each token's k experts' hidden units (gate, up, act*up per assignment)
+        inter = config.num_experts_per_tok * config.moe_intermediate_size
     q, kv = config.q_size, config.kv_size
     # Per layer, saved for the backward pass without remat: the two norm inputs and outputs,
     # q, k, v, the attention output, the MLP's gate, up, act*up; attention probabilities in f32.
@@ -87,7 +89,7 @@ def report(cfg) -> str:
                           compute_dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                           blocksize=cfg.model.blocksize, double_quant=cfg.model.double_quant,
                           remat=cfg.model.remat)
-    linear_numel = config.num_hidden_layers * sum(o * i for o, i in config.linear_shapes().values())
+    linear_numel = config.num_hidden_layers * sum(e * o * i for e, o, i in quantized_matrices(config).values())
     lines = [
         f"model              {cfg.model.source} ({config.model_type}, {config.num_hidden_layers} layers, "
         f"hidden {config.hidden_size}, heads {config.num_attention_heads}/{config.num_key_value_heads})",

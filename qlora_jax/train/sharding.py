@@ -36,6 +36,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "embed": ("fsdp",),  # the model dimension of weights
     "heads": ("tensor",),  # q/k/v output features (heads x head_dim), o_proj input
     "mlp": ("tensor",),  # gate/up output, down input
+    "expert": ("fsdp",),  # MoE experts (qwen3_moe): whole experts per device; their "embed" dim then stays whole
     "vocab": ("tensor",),
     "layers": None,
     "rank": None,
