@@ -23,7 +23,8 @@ finished) when present, else from the newest Orbax checkpoint (``RUN_DIR/checkpo
   format in ``bnb4/adapter/``: load the base with transformers + bitsandbytes, then
   ``PeftModel.from_pretrained(base, "bnb4/adapter")``; that is the trained model exactly.
 * ``gguf`` -> ``RUN_DIR/export/model-<TYPE>.gguf``: the merged model for llama.cpp (llama, qwen2,
-  qwen3), tensors in ``--gguf-type`` (see ``checkpoints.gguf_writer`` for the per-tensor rules).
+  qwen3, mistral, phi3, gemma2, gemma3_text, qwen3_moe), tensors in ``--gguf-type`` (see
+  ``checkpoints.gguf_writer`` for the per-tensor rules and what llama.cpp cannot express).
 
 Nothing at ``--out`` is overwritten unless ``--overwrite``; even then a directory is replaced only
 if an earlier export wrote every file in it (listed in its ``.qlora_export.json``). An export is
@@ -52,6 +53,7 @@ from qlora_jax.checkpoints.peft_io import save_peft_adapter
 from qlora_jax.checkpoints.run_dir import ADAPTER_DIR, load_run_model, read_run
 from qlora_jax.errors import UserError
 from qlora_jax.lora_init import changes_base
+from qlora_jax.models import ModelConfig
 
 log = logging.getLogger("qlora_jax.export")
 
@@ -274,6 +276,11 @@ def export(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike | None =
 
     out = Path(out) if out is not None else default_out(run.workdir, fmt, gguf_type)
     check_target(out, fmt, overwrite=overwrite)
+    if fmt == "gguf":  # a family llama.cpp cannot run as trained: say so before loading anything
+        try:
+            gguf_writer.check_exportable(ModelConfig.from_hf(source_config(run.source)[0]))
+        except NotImplementedError as e:
+            raise ExportError(str(e)) from e
     # GGUF export copies a GGUF source's tokenizer metadata; the other cases need the tokenizer.
     needs_tokenizer = fmt in ("merged", "bnb4") or (fmt == "gguf" and resolve_source(run.source)[0] != "gguf")
     # PiSSA / LoftQ: the PEFT export targets the original base, from the adapters as initialised.

@@ -9,7 +9,10 @@ would hold, so one loader serves GGUF and safetensors:
 * ``iter_gguf_tensors`` -> ``(hf_name, float32 array [out, in])`` one tensor at a time, dequantized
   with ``gguf.quants.dequantize``. For the llama architecture llama.cpp's converter reorders the
   rows of q_proj / k_proj (its rope rotates adjacent pairs, transformers' rotates the two halves
-  of each head); we undo that reordering exactly;
+  of each head); we undo that reordering exactly. Gemma files store every RMSNorm weight as
+  ``1 + w`` (llama.cpp's converter adds the 1 that transformers' Gemma norm adds at run time); we
+  subtract it. Qwen3-MoE's experts come as ``ffn_gate_exps`` / ``ffn_up_exps`` ``[E, inter, hidden]``
+  and are fused into transformers' ``mlp.experts.gate_up_proj`` (gate rows first);
 * ``gguf_tokenizer`` -> a transformers tokenizer carrying the file's chat template.
 
 Every function takes a path or an open ``gguf.GGUFReader``. ``open_gguf`` parses the metadata with
@@ -39,21 +42,51 @@ from qlora_jax.errors import ModelFileError
 GGUFSource = str | os.PathLike | gguf.GGUFReader
 
 
+# Block tensor names that differ from the llama table below, per GGUF architecture (gguf-py's
+# tensor map). Gemma's four norms: attn_norm (input), post_attention_norm, ffn_norm (before the
+# MLP), post_ffw_norm. Phi-3's fused linears keep one tensor each: attn_qkv (q | k | v rows) and
+# ffn_up (gate | up rows), as llama.cpp's converter writes them.
+_GEMMA_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                "post_ffw_norm": "post_feedforward_layernorm"}
+_PHI3_NAMES = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+_MOE_NAMES = {"ffn_gate_inp": "mlp.gate", "ffn_down_exps": "mlp.experts.down_proj"}
+# Qwen3-MoE: the two halves of transformers' fused mlp.experts.gate_up_proj [E, 2 inter, hidden].
+EXPERT_HALVES = {"ffn_gate_exps": 0, "ffn_up_exps": 1}
+EXPERTS_GATE_UP = "mlp.experts.gate_up_proj"
+
+
 @dataclasses.dataclass(frozen=True)
 class _Arch:
     model_type: str           # transformers model_type
     hf_class: str             # transformers architectures[0]
     rotary_permuted: bool     # q/k rows reordered by llama.cpp's converter
     attention_bias: bool      # q/k/v carry biases in every checkpoint of this family
+    hidden_act: str = "silu"
+    norm_offset: float = 0.0  # norm weights are stored as w + this (gemma: 1 + w)
+    names: tuple[tuple[str, str], ...] = ()  # block tensor names that differ from _BLOCK_NAMES
 
 
-# GGUF general.architecture -> what transformers calls it. Qwen2/Qwen3 use rope on halves in
-# llama.cpp too ("NEOX" mode), so their q/k rows are stored unpermuted.
+# GGUF general.architecture -> what transformers calls it. Only llama rotates adjacent pairs in
+# llama.cpp; the others use rope on halves there too ("NEOX" mode), so their q/k rows are stored
+# unpermuted. Mistral has no architecture of its own: llama.cpp writes it as llama (gguf_config
+# tells it apart by a sliding window or by the name transformers' loader keys on).
 ARCHITECTURES: dict[str, _Arch] = {
     "llama": _Arch("llama", "LlamaForCausalLM", rotary_permuted=True, attention_bias=False),
     "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", rotary_permuted=False, attention_bias=True),
     "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", rotary_permuted=False, attention_bias=False),
+    "phi3": _Arch("phi3", "Phi3ForCausalLM", rotary_permuted=False, attention_bias=False,
+                  names=tuple(_PHI3_NAMES.items())),
+    "gemma2": _Arch("gemma2", "Gemma2ForCausalLM", rotary_permuted=False, attention_bias=False,
+                    hidden_act="gelu_pytorch_tanh", norm_offset=1.0, names=tuple(_GEMMA_NAMES.items())),
+    "gemma3": _Arch("gemma3_text", "Gemma3ForCausalLM", rotary_permuted=False, attention_bias=False,
+                    hidden_act="gelu_pytorch_tanh", norm_offset=1.0, names=tuple(_GEMMA_NAMES.items())),
+    "qwen3moe": _Arch("qwen3_moe", "Qwen3MoeForCausalLM", rotary_permuted=False, attention_bias=False,
+                      names=tuple(_MOE_NAMES.items())),
 }
+# llama.cpp's fixed sliding-window patterns (every n-th layer global) and the layer counts of the
+# 27B models, whose attention scale is (hidden / heads) ** -0.5 instead of head_dim ** -0.5.
+SWA_PATTERNS = {"gemma2": 2, "gemma3": 6}
+_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 # GGUF tensor name -> transformers name.
 _TOP_LEVEL_NAMES = {
@@ -169,15 +202,28 @@ def gguf_metadata(source: GGUFSource, key: str, default: Any = _MISSING) -> Any:
     return field.contents()
 
 
-def gguf_to_hf_name(name: str) -> str:
-    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``. KeyError if unknown."""
+def block_names(arch: str = "llama") -> dict[str, str]:
+    """GGUF block tensor part (``attn_q``) -> transformers module (``self_attn.q_proj``) for ``arch``."""
+    return {**_BLOCK_NAMES, **dict(ARCHITECTURES[arch].names)} if arch in ARCHITECTURES else dict(_BLOCK_NAMES)
+
+
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``. KeyError if unknown.
+
+    Expert tensors have no ``.weight`` in transformers (``model.layers.3.mlp.experts.down_proj``);
+    both ``ffn_gate_exps`` and ``ffn_up_exps`` name halves of ``mlp.experts.gate_up_proj``.
+    """
     if name in _TOP_LEVEL_NAMES:
         return _TOP_LEVEL_NAMES[name]
     match = _BLOCK_RE.fullmatch(name)
-    if match and match.group(2) in _BLOCK_NAMES:
+    names = block_names(arch)
+    if match and (match.group(2) in names or (arch == "qwen3moe" and match.group(2) in EXPERT_HALVES)):
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
-    raise KeyError(f"GGUF tensor {name!r} has no transformers counterpart we know of")
+        module = EXPERTS_GATE_UP if part in EXPERT_HALVES else names[part]
+        if module.startswith("mlp.experts."):
+            return f"model.layers.{layer}.{module}"
+        return f"model.layers.{layer}.{module}.{kind}"
+    raise KeyError(f"GGUF tensor {name!r} has no transformers counterpart we know of (architecture {arch!r})")
 
 
 def _architecture(reader: gguf.GGUFReader) -> tuple[str, _Arch]:
@@ -186,6 +232,13 @@ def _architecture(reader: gguf.GGUFReader) -> tuple[str, _Arch]:
         raise NotImplementedError(
             f"GGUF architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}")
     return arch, ARCHITECTURES[arch]
+
+
+def _is_mistral(reader: gguf.GGUFReader) -> bool:
+    """A llama-architecture file holds Mistral when it states a sliding window (our writer does when
+    the model has one) or is named exactly "mistral" (the rule of transformers' GGUF loader)."""
+    return (gguf_metadata(reader, "llama.attention.sliding_window", None) is not None
+            or gguf_metadata(reader, "general.name", None) == "mistral")
 
 
 def _short_float(value: float) -> float:
@@ -277,17 +330,20 @@ def gguf_config(source: GGUFSource) -> dict[str, Any]:
         rope_scaling = _rope_scaling_from_freqs(
             gguf.quants.dequantize(tensor.data, tensor.tensor_type), head_dim, rope_theta)
 
+    feed_forward = meta("feed_forward_length", None)
+    if feed_forward is None and arch == "qwen3moe":  # an all-expert file may leave the dense width out
+        feed_forward = meta("expert_feed_forward_length")
     config: dict[str, Any] = {
         "model_type": info.model_type,
         "architectures": [info.hf_class],
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
-        "intermediate_size": int(meta("feed_forward_length")),
+        "intermediate_size": int(meta("feed_forward_length") if feed_forward is None else feed_forward),
         "num_hidden_layers": int(meta("block_count")),
         "num_attention_heads": num_heads,
         "num_key_value_heads": num_kv_heads,
         "head_dim": head_dim,
-        "hidden_act": "silu",
+        "hidden_act": info.hidden_act,
         "rms_norm_eps": _short_float(meta("attention.layer_norm_rms_epsilon")),
         "rope_theta": rope_theta,
         "rope_scaling": rope_scaling,
@@ -295,12 +351,73 @@ def gguf_config(source: GGUFSource) -> dict[str, Any]:
         "tie_word_embeddings": "output.weight" not in shapes,
         "attention_bias": info.attention_bias or "blk.0.attn_q.bias" in shapes,
     }
+    config.update(_family_config(reader, arch, config, shapes))
     for name, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                       ("pad_token_id", "padding_token_id")):
         value = gguf_metadata(reader, f"tokenizer.ggml.{key}", None)
         if value is not None:
             config[name] = int(value)
     return config
+
+
+def _family_config(reader: gguf.GGUFReader, arch: str, config: dict[str, Any],
+                   shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The config keys of the families beyond llama / qwen, from llama.cpp's metadata keys; where
+    a key is absent, the value llama.cpp itself assumes for that architecture."""
+
+    def meta(key: str, default: Any = None) -> Any:
+        return gguf_metadata(reader, f"{arch}.{key}", default)
+
+    window = meta("attention.sliding_window")
+    out: dict[str, Any] = {}
+    if arch == "llama" and _is_mistral(reader):
+        out = {"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+               "sliding_window": None if window is None else int(window)}
+    elif arch == "phi3":
+        if any(name.startswith("rope_factors_") for name in shapes):
+            raise NotImplementedError("phi3 GGUF with longrope scaling (rope_factors_long / rope_factors_short "
+                                      "tensors, the 128k models) is not supported")
+        rotary = meta("rope.dimension_count")
+        out = {"sliding_window": None if window is None else int(window),
+               "partial_rotary_factor": 1.0 if rotary is None else int(rotary) / config["head_dim"]}
+    elif arch in SWA_PATTERNS:  # gemma2, gemma3
+        layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+        pattern = meta("attention.sliding_window_pattern", SWA_PATTERNS[arch])
+        if isinstance(pattern, list):  # per layer, true = sliding
+            if len(pattern) != layers:
+                raise ModelFileError(f"{arch}.attention.sliding_window_pattern has {len(pattern)} entries for "
+                                     f"{layers} layers")
+            sliding = [bool(p) for p in pattern]
+        else:  # llama.cpp's set_swa_pattern(n): every n-th layer global
+            sliding = [bool((i + 1) % int(pattern)) for i in range(layers)]
+        scale = meta("attention.scale")
+        if scale is not None:  # the factor on q.k; query_pre_attn_scalar = scale ** -2
+            scalar = float(np.float32(scale)) ** -2.0
+            scalar = round(scalar) if abs(scalar - round(scalar)) < 1e-4 * scalar else scalar
+        elif layers == _27B_LAYERS[arch]:
+            scalar = config["hidden_size"] // heads
+        else:
+            scalar = config["head_dim"]
+        out = {"hidden_activation": config["hidden_act"], "query_pre_attn_scalar": scalar,
+               "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+               "final_logit_softcapping": _optional_float(meta("final_logit_softcapping"))}
+        if window is not None:
+            out["sliding_window"] = int(window)
+        if arch == "gemma2":
+            out["attn_logit_softcapping"] = _optional_float(meta("attn_logit_softcapping"))
+            out = {k: v for k, v in out.items() if v is not None}  # absent: llama.cpp's (= transformers') 50 / 30
+        else:
+            out["rope_local_base_freq"] = _short_float(meta("rope.freq_base_swa", 10000.0))
+    elif arch == "qwen3moe":
+        out = {"num_experts": int(meta("expert_count")), "num_experts_per_tok": int(meta("expert_used_count")),
+               "moe_intermediate_size": int(meta("expert_feed_forward_length")),
+               # llama.cpp always renormalizes the top-k probabilities of qwen3moe
+               "norm_topk_prob": bool(meta("expert_weights_norm", True))}
+    return out
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else _short_float(value)
 
 
 def unpermute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -321,33 +438,54 @@ def unpermute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
 def gguf_tensor_shapes(source: GGUFSource) -> dict[str, tuple[int, ...]]:
     """transformers name -> shape, without reading any tensor data (for abstract model setup)."""
     reader = open_gguf(source)
-    return {gguf_to_hf_name(name): shape for name, shape in _tensor_shapes(reader).items()
-            if name not in _NOT_WEIGHTS}
+    arch = gguf_metadata(reader, "general.architecture")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in _tensor_shapes(reader).items():
+        if name in _NOT_WEIGHTS:
+            continue
+        hf_name = gguf_to_hf_name(name, arch)
+        if hf_name in shapes:  # the second half of fused experts: rows add up
+            shape = shape[:-2] + (shapes[hf_name][-2] + shape[-2], shape[-1])
+        shapes[hf_name] = shape
+    return shapes
 
 
 def iter_gguf_tensors(source: GGUFSource) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(transformers name, float32 array)`` for every weight, in file order.
 
     Matrices come out in transformers layout ``[out, in]``. Each tensor is dequantized when it
-    is yielded, so memory holds one float32 tensor at a time. A tied model yields no lm_head.
+    is yielded, so memory holds one float32 tensor at a time (Qwen3-MoE: the gate half of a
+    layer's experts waits for its up half). A tied model yields no lm_head.
     """
     reader = open_gguf(source)
     arch, info = _architecture(reader)
     heads = {"attn_q": _uniform(gguf_metadata(reader, f"{arch}.attention.head_count"), "head_count")}
     heads["attn_k"] = _uniform(gguf_metadata(reader, f"{arch}.attention.head_count_kv", heads["attn_q"]),
                                "head_count_kv")
+    halves: dict[str, dict[int, np.ndarray]] = {}
     for tensor in reader.tensors:
         if tensor.name in _NOT_WEIGHTS:
             continue
-        hf_name = gguf_to_hf_name(tensor.name)
+        hf_name = gguf_to_hf_name(tensor.name, arch)
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         values = np.array(values, dtype=np.float32).reshape(shape)   # owned copy, off the mmap
-        if info.rotary_permuted:
-            match = _BLOCK_RE.fullmatch(tensor.name)
-            if match and match.group(2) in heads:
-                values = unpermute_rotary(values, heads[match.group(2)])
+        match = _BLOCK_RE.fullmatch(tensor.name)
+        part = match.group(2) if match else None
+        if info.rotary_permuted and part in heads:
+            values = unpermute_rotary(values, heads[part])
+        if info.norm_offset and tensor.name.endswith("norm.weight"):
+            values -= np.float32(info.norm_offset)
+        if part in EXPERT_HALVES:
+            pair = halves.setdefault(hf_name, {})
+            pair[EXPERT_HALVES[part]] = values
+            if len(pair) < 2:
+                continue
+            values = np.concatenate([pair[0], pair[1]], axis=-2)
+            del halves[hf_name]
         yield hf_name, values
+    if halves:
+        raise ModelFileError(f"GGUF file has only one of ffn_gate_exps / ffn_up_exps for {sorted(halves)}")
 
 
 # tokenizer.* metadata key -> (where it goes, its name there), as transformers' GGUF tokenizer
