@@ -49,7 +49,7 @@ def pytest_unconfigure(config):
 SLOW_FIRST = ("test_train.py", "test_self_refine.py", "test_sharding.py", "test_grpo.py", "test_dpo.py",
               "test_tpu_compile.py", "test_generate.py", "test_gpu_compile.py", "test_multiprocess.py",
               "test_smollm2.py", "test_grpo_sampling.py", "test_checkpoints.py", "test_dora.py",
-              "test_families.py")
+              "test_resume_objectives.py", "test_families.py", "test_gguf_families.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
