@@ -7,6 +7,7 @@ the per-GPU memory figures and what the optimized HLO holds.
 
 ``QLORA_ATTENTION_IMPL`` (default "auto") sets ``ModelConfig.attention_impl``; "cudnn" needs the cuDNN
 library (the nvidia-cudnn-cu12 wheel) importable, else the worker prints ``{"skip": ...}``.
+``QLORA_COMPILE_MODEL=qwen3_moe`` compiles ``TINY_MOE`` instead (``moe_main``).
 """
 
 from __future__ import annotations
@@ -106,5 +107,49 @@ def main() -> None:
             f.write(hlo)
 
 
+# A tiny Qwen3-MoE whose 4 x 1024 tokens x top-8 = 32,768 expert assignments are sorted in one
+# argsort: large enough for XLA:GPU to pick its CUB radix sort, which a compile-only target cannot
+# size (the planner turns it off, train/aot.py: GPU_COMPILER_OPTIONS). Every other size is small.
+TINY_MOE = {
+    "model_type": "qwen3_moe", "vocab_size": 256, "hidden_size": 128, "moe_intermediate_size": 64,
+    "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 32, "num_experts": 16, "num_experts_per_tok": 8, "norm_topk_prob": True,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+}
+MOE_EXPERT_PARAMS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def moe_main(mesh_arg: str) -> None:
+    import dataclasses
+
+    from qlora_jax.lora import LoraConfig
+    from qlora_jax.models import QuantConfig
+    from qlora_jax.train.aot import TARGETS, StepSpec, compile_step, target_devices
+
+    target = dataclasses.replace(TARGETS["h100x8"], name=f"h100x{GPUS}", topology=f"1x1x{GPUS}", chips=GPUS)
+    devices = target_devices(target)
+    mesh = tuple(int(x) for x in mesh_arg.split(","))
+    spec = StepSpec(hf_config=TINY_MOE, lora=LoraConfig(r=8, alpha=16.0, dropout=0.0, target_parameters=MOE_EXPERT_PARAMS),
+                    quant=QuantConfig(), dtype="bfloat16", param_dtype="bfloat16", remat="full",
+                    micro_batch=PER_CHIP * mesh[0] * mesh[1], grad_accum=1, seq=SEQ, mesh=mesh,
+                    optimizer=dict(lr=1e-3, warmup_ratio=0.1, schedule="cosine", weight_decay=0.01,
+                                   max_grad_norm=0.3, b1=0.9, b2=0.999, eps=1e-8), frozen_layout="default")
+    t0 = time.perf_counter()
+    compiled = compile_step(spec, devices)
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    hlo = compiled.as_text()
+    print(json.dumps({
+        "mesh": mesh_arg, "compile_s": round(seconds, 1), "arguments": mem.argument_size_in_bytes,
+        "temporaries": mem.temp_size_in_bytes, "platform": devices[0].platform, "gpus": GPUS,
+        # the sorts over a 1-D s32 array (the expert ids of every assignment), and CUB's custom calls
+        "sorts_1d": sorted({int(n) for n in re.findall(r"= \(s32\[(\d+)\]\S*, s32\[\d+\]\S*.*\) sort\(", hlo)}),
+        "cub_calls": len(re.findall(r'custom_call_target="__cub\$', hlo)),
+    }))
+
+
 if __name__ == "__main__":
-    main()
+    if os.environ.get("QLORA_COMPILE_MODEL") == "qwen3_moe":
+        moe_main(sys.argv[1] if len(sys.argv) > 1 else f"{GPUS},1,1")
+    else:
+        main()

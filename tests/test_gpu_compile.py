@@ -10,7 +10,8 @@ sharded state (NF4 codes and scales, bf16 embeddings and norms, f32 adapters and
 the int32 batch; XLA:GPU pads nothing); temporaries against a bound from the activations; and in
 the optimized HLO, outside fused computations (the buffers XLA allocates), no float decoder weight
 ``[out, in]`` (or a scanned stack of them, ``[layers, out, in]``) and no ``[..., seq, seq]``
-attention scores (blockwise causal attention).
+attention scores (blockwise causal attention). A tiny Qwen3-MoE step compiles too (its expert sort
+is XLA's, not CUB's), its arguments equal to the MoE's storage arithmetic.
 """
 
 from __future__ import annotations
@@ -108,3 +109,37 @@ def test_h100_planner_says_offload_is_not_compiled():
                           JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1")
     assert row["note"].startswith("optim.offload not compiled"), row
     assert row["host_arguments"] == 0 and row["arguments"] > 0, row
+
+
+def _nf4_bytes(out_f: int, in_f: int) -> int:
+    """One NF4 + double-quantized [out, in] matrix: packed codes, 8-bit absmax, f32 nested absmax, offset."""
+    return out_f * in_f // 2 + out_f * in_f // 64 + 4 * -(-(out_f * in_f // 64) // 256) + 4
+
+
+@pytest.mark.slow
+def test_h100_moe_step_compiles_with_xla_sort():
+    """Qwen3-MoE sorts its token-expert assignments by expert. At 32,768 assignments XLA:GPU picks a
+    CUB radix sort, whose scratch size it asks the CUDA runtime for while compiling: a compile-only
+    target failed there ("Error loading CUDA libraries", the planner's one line for Qwen3-30B-A3B).
+    The planner compiles GPU steps with XLA's own sort; the arguments are the MoE's state byte for
+    byte (data parallel: replicated; NF4 per expert matrix, as bitsandbytes quantizes each)."""
+    from _gpu_compile_worker import MOE_EXPERT_PARAMS, TINY_MOE
+
+    row = compile_in_venv(".venv-cuda", "_gpu_compile_worker.py", "4,1,1", require_env="QLORA_REQUIRE_GPU_COMPILE",
+                          missing="the jax CUDA plugin is not installed", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1",
+                          QLORA_COMPILE_MODEL="qwen3_moe")
+    assert row["platform"] == "gpu", row
+    c = TINY_MOE
+    h, e, inter, V = c["hidden_size"], c["num_experts"], c["moe_intermediate_size"], c["vocab_size"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    assert row["sorts_1d"] == [row["gpus"] * PER_CHIP * SEQ * c["num_experts_per_tok"]] and row["cub_calls"] == 0, row
+    attention = [(q, h), (kv, h), (kv, h), (h, q)]
+    nf4 = sum(_nf4_bytes(o, i) for o, i in attention) + e * (_nf4_bytes(2 * inter, h) + _nf4_bytes(h, inter))
+    # embeddings, lm_head, router [E, hidden], input/post-attention/final norms, q/k norms: bf16
+    dense = 2 * (2 * V * h + e * h + 3 * h + 2 * c["head_dim"])
+    r = 8  # all-linear = the four attention projections; both expert tensors per expert (target_parameters)
+    adapters = r * (sum(o + i for o, i in attention) + e * ((h + 2 * inter) + (inter + h)))
+    assert len(MOE_EXPERT_PARAMS) == 2 and c["num_hidden_layers"] == 1
+    expected = nf4 + dense + adapters * 4 * 3 + BATCH_BYTES  # f32 adapters + two AdamW moments
+    assert expected <= row["arguments"] <= expected + SCALARS, (row["arguments"], expected)
+    assert row["temporaries"] > 0, row

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import operator
 
 import chex
 import jax
@@ -147,6 +148,27 @@ def test_nf4_experts_are_bitsandbytes_bytes_and_logits_match_dequantized():
     effect = max_abs(torch_logits(ours_ref, IDS), torch_logits(reference, IDS))
     print(f"qwen3_moe NF4: {err:.2e} vs transformers on our dequantized weights (NF4 effect {effect:.2e})")
     assert err <= PARITY_TOL and effect > 100 * PARITY_TOL
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bf16_expert_decode_is_the_float32_dequantization_rounded_once(quant_type):
+    """The accelerator path decodes experts from the two nibble halves (no byte-pair table, whose
+    ``[n, 2]`` output XLA:TPU pads to 128 lanes): each expert must still be its float32
+    dequantization (bit-exact against bitsandbytes' 1-D path, tests/test_quant.py) rounded once
+    (by torch) to bf16 / f16."""
+    from qlora_jax.quant import dequantize_4bit
+
+    w = np.random.default_rng(3).normal(0.0, 0.05, (3, 2 * INTER, HIDDEN)).astype(np.float32)
+    q = jax.vmap(lambda x: moe.quantize_4bit(x, quant_type=quant_type, blocksize=64, double_quant=True))(jnp.asarray(w))
+    f32 = [torch.from_numpy(np.asarray(dequantize_4bit(jax.tree.map(operator.itemgetter(e), q), jnp.float32)))
+           for e in range(w.shape[0])]
+    for dtype, torch_dtype in ((jnp.bfloat16, torch.bfloat16), (jnp.float16, torch.float16)):
+        ours = moe.materialize_experts(q, dtype)
+        chex.assert_shape(ours, w.shape)
+        chex.assert_type(ours, dtype)
+        for e in range(w.shape[0]):
+            np.testing.assert_array_equal(np.asarray(ours[e].astype(jnp.float32)),
+                                          f32[e].to(torch_dtype).float().numpy())
 
 
 def _lora_model(cfg, reference, quant=None):

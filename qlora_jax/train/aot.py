@@ -245,10 +245,27 @@ class StepSpec:
     quant_matmul_impl: str = "auto"  # ModelConfig.quant_matmul_impl
 
 
+# XLA:GPU turns a large sort (the MoE block's argsort of its token-expert assignments: 32,768 at
+# 8 x 2048 tokens and top-2; 4,096 stay XLA's) into a CUB radix sort and asks CUB for its scratch
+# size while compiling. CUB asks the CUDA runtime for the current device, which a compile-only
+# target lacks: "Error loading CUDA libraries" without libcudart, "invalid device ordinal" with it
+# (xla_gpu_deviceless_cub_mode does not avoid the call in this jaxlib). XLA's own sort kernel
+# compiles deviceless; the step then differs from the one a GPU runs only by CUB's scratch buffer
+# (about a second copy of the sorted int32 keys and indices).
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_cub_radix_sort": False}
+
+
+def _compile(lowered, devices: list[Any]):
+    """``lowered.compile()``, with ``GPU_COMPILER_OPTIONS`` for compile-only GPU ``devices``."""
+    if devices and devices[0].platform == "gpu":
+        return lowered.compile(dict(GPU_COMPILER_OPTIONS))
+    return lowered.compile()
+
+
 def compile_step(spec: StepSpec, devices: list[Any]):
     """Lower and compile the trainer's step for ``devices``; returns the compiled executable."""
     step, args = step_arguments(spec, devices)
-    return step.lower(*args).compile()
+    return _compile(step.lower(*args), devices)
 
 
 def step_arguments(spec: StepSpec, devices: list[Any]):
@@ -301,7 +318,7 @@ def measure(spec: StepSpec, target: Target, devices: list[Any]) -> StepMemory:
     t0 = time.perf_counter()
     step, args = step_arguments(spec, devices)
     try:
-        compiled = step.lower(*args).compile()
+        compiled = _compile(step.lower(*args), devices)
     except Exception as e:  # noqa: BLE001 - XLA raises its own runtime error type
         out.compile_s = time.perf_counter() - t0
         if not _OOM.search(str(e)):
