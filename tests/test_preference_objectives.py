@@ -327,19 +327,17 @@ def tiny_dir(tmp_path_factory, tok) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama_orpo"), tok)
 
 
-def test_orpo_trains_through_the_trainer(tiny_dir, tmp_path):
-    """Three ORPO steps of the real trainer: finite losses, trl's metric names in metrics.jsonl,
-    held-out reward accuracy / margin before and after, the adapter exported."""
+def _tiny_orpo_run(tiny_dir, workdir, **extra):
+    """configs/orpo.py on the tiny model: 3 steps, no evaluation during the run (``extra`` overrides)."""
     from configs import orpo as orpo_config
-    from qlora_jax.train.metrics import read_metrics
     from qlora_jax.train.trainer import run
 
     cfg = orpo_config.get_config()
-    overrides = {"workdir": str(tmp_path / "run"), "model.source": str(tiny_dir), "train.max_steps": 3,
+    overrides = {"workdir": str(workdir), "model.source": str(tiny_dir), "train.max_steps": 3,
                  "train.batch_size": 2, "train.eval_every": 0, "train.checkpoint_every": 3,
                  "train.early_stopping_patience": 0, "data.max_eval_examples": 4, "data.pad_to_multiple_of": 128,
                  "lora.r": 4, "lora.alpha": 8.0, "lora.dropout": 0.0, "lora.targets": "q_proj,v_proj",
-                 "optim.lr": 1e-2, "model.quantize": "none", "model.remat": "none"}  # compiles fast
+                 "optim.lr": 1e-2, "model.quantize": "none", "model.remat": "none", **extra}  # compiles fast
     with cfg.unlocked():
         for key, value in overrides.items():
             node = cfg
@@ -347,7 +345,15 @@ def test_orpo_trains_through_the_trainer(tiny_dir, tmp_path):
             for p in parents:
                 node = node[p]
             node[leaf] = value
-    result = run(cfg)
+    return run(cfg)
+
+
+def test_orpo_trains_through_the_trainer(tiny_dir, tmp_path):
+    """Three ORPO steps of the real trainer: finite losses, trl's metric names in metrics.jsonl,
+    held-out reward accuracy / margin before and after, the adapter exported."""
+    from qlora_jax.train.metrics import read_metrics
+
+    result = _tiny_orpo_run(tiny_dir, tmp_path / "run")
     assert result["final_step"] == 3 and result["objective"] == "orpo"
     rows = [r for r in read_metrics(tmp_path / "run/metrics.jsonl") if "loss" in r]
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
@@ -360,3 +366,19 @@ def test_orpo_trains_through_the_trainer(tiny_dir, tmp_path):
         assert ev["examples"] == 4
     assert after["loss"] != before["loss"]
     assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
+
+
+def test_best_adapter_must_beat_the_untrained_model(tiny_dir, tmp_path):
+    """Without a reference model the untrained policy's rewards already rank pairs, so the evaluation
+    before step 1 takes part in choosing the best adapter: a run whose later evaluations do not beat
+    it (here lr 0, so they equal it) keeps the starting adapters (B = 0) as ``best_adapter``."""
+    from safetensors.numpy import load_file
+
+    result = _tiny_orpo_run(tiny_dir, tmp_path / "run", **{"train.max_steps": 1, "train.eval_every": 1,
+                                                           "optim.lr": 0.0})
+    before, after = result["eval_before"], result["eval_after"]
+    assert after["reward_accuracy"] == before["reward_accuracy"]
+    assert result["best"]["step"] == 0 and result["best"]["eval_reward_accuracy"] == before["reward_accuracy"]
+    tensors = load_file(tmp_path / "run/best_adapter/adapter_model.safetensors")
+    lora_b = [v for k, v in tensors.items() if "lora_B" in k]
+    assert lora_b and all(not np.any(v) for v in lora_b)

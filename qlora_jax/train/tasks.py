@@ -8,7 +8,8 @@ A task owns
 * a batch source: ``next_batch(step, lora, ref_lora)`` -> :class:`StepBatch` (SFT and the pair
   objectives read a resumable iterator over tokenized data and may be fetched one step ahead; GRPO samples
   rollouts from the current adapters, so it is fetched when its step comes);
-* ``evaluate(lora, ref_lora, step)`` on held-out data, and what the run reports about it;
+* ``evaluate(lora, ref_lora, step)`` on held-out data, what the run reports about it, and which
+  evaluation's adapters are the best (``after_first_eval``, ``after_eval``);
 * its part of a checkpoint's ``meta`` (data position, early-stopping state) and of the summary.
 
 Everything else -- model loading, optimizer, resume, the loop, the non-finite guard,
@@ -92,6 +93,9 @@ class Task:
 
     def after_eval(self, ev: dict[str, Any], step: int, save_best) -> None:
         """DPO keeps the adapters of its best evaluation and may stop early."""
+
+    def after_first_eval(self, ev: dict[str, Any], save_best) -> None:
+        """The evaluation before step 1 (a fresh run only)."""
 
     def finish(self, result: dict[str, Any], workdir: Path) -> None:
         """Add the task's figures and plots to the run's result."""
@@ -322,6 +326,14 @@ class ReferenceFreeTask(PairTask):
 
     def metrics(self, m):
         return self.objective.step_metrics(m)
+
+    def after_first_eval(self, ev, save_best):
+        # Without a reference, the untrained model's rewards already rank pairs (SmolLM2 ranks 98% of
+        # the demo pairs right): the best adapter must beat that, else it stays the starting one.
+        # Not counted against the early-stopping patience.
+        if self.stopper.best_step < 0 and np.isfinite(ev["reward_accuracy"]):
+            self.stopper.best, self.stopper.best_step = float(ev["reward_accuracy"]), 0
+            save_best({"step": 0, **ev})
 
     def summary(self):
         section = {f.name: getattr(self.objective, f.name) for f in dataclasses.fields(self.objective)}

@@ -177,6 +177,8 @@ def _train_logged(rc: RunConfig) -> dict[str, Any]:
         if start == 0 and task.has_eval:
             before = evaluate(0)
             run_dir.write_json(workdir / run_dir.EVAL_BEFORE_FILE, before)
+            if rc.train.eval_every:  # evaluations during the run pick a best adapter
+                task.after_first_eval(before, save_best)
         elif task.has_eval:
             before = run_dir.read_eval_before(workdir)
 
