@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -33,6 +34,15 @@ def _batch(ids: np.ndarray) -> dict:
                 targets=jnp.roll(ids, -1, axis=1), loss_mask=jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0.0))
 
 
+def _int_sort_sizes(hlo: str) -> list[int]:
+    """Element counts per device of the compiled step's sorts with s32 keys: the MoE block's
+    argsort of token-expert assignments by expert (top-k and the loss sort floats, if at all)."""
+    sizes = set()
+    for m in re.finditer(r"= \(?s32\[([\d,]*)\][^=]*? sort\(", hlo):
+        sizes.add(int(np.prod([int(d) for d in m.group(1).split(",") if d])))
+    return sorted(sizes)
+
+
 def _run(cfg: dict, tensors, lora: LoraConfig, linears, batch: dict, mesh) -> dict:
     kw = dict(quant=QuantConfig("nf4", 64, True), lora=lora, dtype=jnp.float32)
     out = {}
@@ -51,16 +61,19 @@ def _run(cfg: dict, tensors, lora: LoraConfig, linears, batch: dict, mesh) -> di
             with ctx():
                 s, n = nll_sums(graphdef, ls, rest, batch, router_aux=bool(cfg.get("output_router_logits")))
                 return s / n
-        value, grads = jax.jit(jax.value_and_grad(loss))(ls)
-        out[name] = dict(loss=float(value), grads=[np.asarray(g) for g in jax.tree.leaves(grads)])
+        compiled = jax.jit(jax.value_and_grad(loss)).lower(ls).compile()
+        value, grads = compiled(ls)
+        out[name] = dict(loss=float(value), grads=[np.asarray(g) for g in jax.tree.leaves(grads)],
+                         int_sorts=_int_sort_sizes(compiled.as_text()))
         if m_mesh is not None:
             out["sharded_specs"] = sorted({str(x.sharding.spec) for x in jax.tree.leaves(rest) if hasattr(x, "sharding")
                                            and any(a is not None for a in x.sharding.spec)})
+    out["sort_sizes"] = {k: out[k]["int_sorts"] for k in ("single", "2x2x2")}
     g1, g2 = out["single"]["grads"], out["2x2x2"]["grads"]
     rel = max(float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(a))), 1e-30)) for a, b in zip(g1, g2))
     return dict(loss_single=out["single"]["loss"], loss_mesh=out["2x2x2"]["loss"], grad_rel=rel,
                 n_grads=len(g1), max_grad=max(float(np.max(np.abs(a))) for a in g1),
-                sharded_specs=out["sharded_specs"])
+                sharded_specs=out["sharded_specs"], sort_sizes=out["sort_sizes"])
 
 
 def main() -> None:

@@ -107,9 +107,11 @@ def main() -> None:
             f.write(hlo)
 
 
-# A tiny Qwen3-MoE whose 4 x 1024 tokens x top-8 = 32,768 expert assignments are sorted in one
-# argsort: large enough for XLA:GPU to pick its CUB radix sort, which a compile-only target cannot
-# size (the planner turns it off, train/aot.py: GPU_COMPILER_OPTIONS). Every other size is small.
+# A tiny Qwen3-MoE whose MOE_PER_CHIP x 1024 tokens x top-8 = 32,768 expert assignments per batch
+# shard are sorted in one argsort (each shard sorts its own, moe.SparseMoeBlock): large enough for
+# XLA:GPU to pick its CUB radix sort, which a compile-only target cannot size (the planner turns it
+# off, train/aot.py: GPU_COMPILER_OPTIONS). Every other size is small.
+MOE_PER_CHIP = 4
 TINY_MOE = {
     "model_type": "qwen3_moe", "vocab_size": 256, "hidden_size": 128, "moe_intermediate_size": 64,
     "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -131,7 +133,7 @@ def moe_main(mesh_arg: str) -> None:
     mesh = tuple(int(x) for x in mesh_arg.split(","))
     spec = StepSpec(hf_config=TINY_MOE, lora=LoraConfig(r=8, alpha=16.0, dropout=0.0, target_parameters=MOE_EXPERT_PARAMS),
                     quant=QuantConfig(), dtype="bfloat16", param_dtype="bfloat16", remat="full",
-                    micro_batch=PER_CHIP * mesh[0] * mesh[1], grad_accum=1, seq=SEQ, mesh=mesh,
+                    micro_batch=MOE_PER_CHIP * mesh[0] * mesh[1], grad_accum=1, seq=SEQ, mesh=mesh,
                     optimizer=dict(lr=1e-3, warmup_ratio=0.1, schedule="cosine", weight_decay=0.01,
                                    max_grad_norm=0.3, b1=0.9, b2=0.999, eps=1e-8), frozen_layout="default")
     t0 = time.perf_counter()

@@ -123,7 +123,7 @@ def test_h100_moe_step_compiles_with_xla_sort():
     target failed there ("Error loading CUDA libraries", the planner's one line for Qwen3-30B-A3B).
     The planner compiles GPU steps with XLA's own sort; the arguments are the MoE's state byte for
     byte (data parallel: replicated; NF4 per expert matrix, as bitsandbytes quantizes each)."""
-    from _gpu_compile_worker import MOE_EXPERT_PARAMS, TINY_MOE
+    from _gpu_compile_worker import MOE_EXPERT_PARAMS, MOE_PER_CHIP, TINY_MOE
 
     row = compile_in_venv(".venv-cuda", "_gpu_compile_worker.py", "4,1,1", require_env="QLORA_REQUIRE_GPU_COMPILE",
                           missing="the jax CUDA plugin is not installed", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1",
@@ -132,7 +132,8 @@ def test_h100_moe_step_compiles_with_xla_sort():
     c = TINY_MOE
     h, e, inter, V = c["hidden_size"], c["num_experts"], c["moe_intermediate_size"], c["vocab_size"]
     q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
-    assert row["sorts_1d"] == [row["gpus"] * PER_CHIP * SEQ * c["num_experts_per_tok"]] and row["cub_calls"] == 0, row
+    # Each GPU sorts its own batch shard's assignments, not the whole batch's (4 x as many).
+    assert row["sorts_1d"] == [MOE_PER_CHIP * SEQ * c["num_experts_per_tok"]] and row["cub_calls"] == 0, row
     attention = [(q, h), (kv, h), (kv, h), (h, q)]
     nf4 = sum(_nf4_bytes(o, i) for o, i in attention) + e * (_nf4_bytes(2 * inter, h) + _nf4_bytes(h, inter))
     # embeddings, lm_head, router [E, hidden], input/post-attention/final norms, q/k norms: bf16
@@ -140,6 +141,6 @@ def test_h100_moe_step_compiles_with_xla_sort():
     r = 8  # all-linear = the four attention projections; both expert tensors per expert (target_parameters)
     adapters = r * (sum(o + i for o, i in attention) + e * ((h + 2 * inter) + (inter + h)))
     assert len(MOE_EXPERT_PARAMS) == 2 and c["num_hidden_layers"] == 1
-    expected = nf4 + dense + adapters * 4 * 3 + BATCH_BYTES  # f32 adapters + two AdamW moments
+    expected = nf4 + dense + adapters * 4 * 3 + BATCH_BYTES * MOE_PER_CHIP // PER_CHIP  # f32 adapters + two AdamW moments
     assert expected <= row["arguments"] <= expected + SCALARS, (row["arguments"], expected)
     assert row["temporaries"] > 0, row

@@ -12,6 +12,7 @@ parsing of the full-size Qwen3-30B-A3B config on the meta device.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import operator
 
@@ -155,15 +156,17 @@ def test_bf16_expert_decode_is_the_float32_dequantization_rounded_once(quant_typ
     """The accelerator path decodes experts from the two nibble halves (no byte-pair table, whose
     ``[n, 2]`` output XLA:TPU pads to 128 lanes): each expert must still be its float32
     dequantization (bit-exact against bitsandbytes' 1-D path, tests/test_quant.py) rounded once
-    (by torch) to bf16 / f16."""
+    (by torch) to bf16 / f16; also when decoded two experts at a time (``chunk``: the mesh path)."""
     from qlora_jax.quant import dequantize_4bit
 
-    w = np.random.default_rng(3).normal(0.0, 0.05, (3, 2 * INTER, HIDDEN)).astype(np.float32)
+    w = np.random.default_rng(3).normal(0.0, 0.05, (4, 2 * INTER, HIDDEN)).astype(np.float32)
     q = jax.vmap(lambda x: moe.quantize_4bit(x, quant_type=quant_type, blocksize=64, double_quant=True))(jnp.asarray(w))
     f32 = [torch.from_numpy(np.asarray(dequantize_4bit(jax.tree.map(operator.itemgetter(e), q), jnp.float32)))
            for e in range(w.shape[0])]
-    for dtype, torch_dtype in ((jnp.bfloat16, torch.bfloat16), (jnp.float16, torch.float16)):
-        ours = moe.materialize_experts(q, dtype)
+    np.testing.assert_array_equal(np.asarray(moe.materialize_experts(q, jnp.float32, chunk=2)), np.stack(f32))
+    for (dtype, torch_dtype), chunk in itertools.product(((jnp.bfloat16, torch.bfloat16),
+                                                          (jnp.float16, torch.float16)), (None, 2)):
+        ours = moe.materialize_experts(q, dtype, chunk)
         chex.assert_shape(ours, w.shape)
         chex.assert_type(ours, dtype)
         for e in range(w.shape[0]):

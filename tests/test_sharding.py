@@ -44,8 +44,9 @@ def test_mesh_and_offload_match_single_device(tiny_model_dir):  # noqa: F811
 @pytest.mark.slow
 def test_phi3_and_moe_on_a_mesh_match_one_device():
     """The fused Phi-3 projections (q/k/v and gate/up sliced out of one tensor-sharded output) and
-    the Qwen3-MoE experts (sharded over fsdp, tokens routed across the mesh, the router aux loss
-    in the objective) give one device's loss and LoRA gradients on a (2, 2, 2) mesh."""
+    the Qwen3-MoE experts (sharded over fsdp, each batch shard's tokens routed on its own devices,
+    the router aux loss in the objective) give one device's loss and LoRA gradients on a (2, 2, 2)
+    mesh."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, str(REPO / "tests/_family_mesh_worker.py")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -59,6 +60,10 @@ def test_phi3_and_moe_on_a_mesh_match_one_device():
     # The experts' stacked NF4 codes [layers, experts, ...] are split over fsdp on the expert axis.
     assert any(spec.startswith("P(None, 'fsdp', None") for spec in res["qwen3_moe"]["sharded_specs"]), res
     assert any("tensor" in spec for spec in res["phi3"]["sharded_specs"]), res
+    # The MoE's argsort by expert is local to each (data, fsdp) shard: one device sorts all 4 rows
+    # x 16 tokens x top-2 = 128 assignments, each of the 4 shards its own 32 (a sort over the whole
+    # batch, 128 per device, gathered every shard's tokens onto every chip).
+    assert res["qwen3_moe"]["sort_sizes"] == {"single": [128], "2x2x2": [32]}, res["qwen3_moe"]["sort_sizes"]
 
 
 def test_logical_axes_table():

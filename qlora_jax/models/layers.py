@@ -81,6 +81,22 @@ def shard_activation(x: jax.Array, feature_axis: str | None = None) -> jax.Array
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
 
+def batch_shards(rows: int) -> int:
+    """How many ("data", "fsdp") shards :func:`shard_activation` splits ``rows`` batch rows into
+    under :func:`activation_sharding`: their product when it is > 1 and divides ``rows``, else 1."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return 1
+    sizes = dict(mesh.shape)
+    n = sizes.get("data", 1) * sizes.get("fsdp", 1)
+    return n if n > 1 and rows % n == 0 else 1
+
+
+def activation_mesh() -> Any:
+    """The mesh of the enclosing :func:`activation_sharding`, else None."""
+    return _ACTIVATION_MESH.get()
+
+
 class BaseParam(nnx.Variable):
     """A frozen, unquantized base-model weight (never updated by the optimizer)."""
 

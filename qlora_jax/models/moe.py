@@ -26,7 +26,11 @@ dispatch that runs every expert on every token and masks (``E / k`` = 16x the ex
 Qwen3-30B-A3B) or the ``[T, k, out, in]`` weights of a per-token gather. The frozen weight is
 dequantized once per layer call (``[E, out, in]`` in the compute dtype, like the dense QLoRA
 linear's ``[out, in]``) and, through a custom VJP, never saved for the backward pass, which
-decodes it again. Per-expert LoRA uses the same grouping: ``(x A_e^T) B_e^T * s``.
+decodes it again. Per-expert LoRA uses the same grouping: ``(x A_e^T) B_e^T * s``. In the
+training step (``layers.activation_sharding``) the sort and the grouped matmuls run per
+("data", "fsdp") batch shard in ``shard_map``, on that shard's ``T / G * k`` assignments; a sort
+over the flattened batch made XLA gather all ``T * k`` onto every chip. The router logits (and so
+the load-balancing loss) still cover the whole batch.
 
 LoRA matches peft's ``target_parameters`` (``ParamWrapper``) exactly: peft keeps one
 ``lora_A`` ``[r * E, in]`` and ``lora_B`` ``[out, r * E]`` per parameter and adds
@@ -110,7 +114,7 @@ def _host(x: Any) -> Any:
     return x
 
 
-def materialize_experts(w: jax.Array | Quant4bit, dtype: Any) -> jax.Array:
+def materialize_experts(w: jax.Array | Quant4bit, dtype: Any, chunk: int | None = None) -> jax.Array:
     """``[E, out, in]`` in ``dtype`` from a dense array or a per-expert ``Quant4bit``.
 
     float32 (the CPU path, the reference) decodes with the byte-pair table like
@@ -118,12 +122,22 @@ def materialize_experts(w: jax.Array | Quant4bit, dtype: Any) -> jax.Array:
     halves elementwise (``dequantize_4bit_halves``: the same values) and interleaves them, which
     XLA fuses into one pass: the table gather's ``f32[n, 2]`` output is padded to 128 lanes on TPU,
     12 GiB per chip for Qwen3-30B-A3B's 16 local experts of one projection.
+
+    ``chunk``: decode that many experts at a time (``jax.lax.map``; the same values), so a chip
+    that decodes all ``E`` experts holds one chunk's intermediates, not ``E``'s (the decode's
+    scales and halves: 768 MiB buffers at 128 experts in the v5e buffer assignment; chunks of 16
+    took 0.5-0.6 GiB less per chip for Qwen3-30B-A3B).
     """
     if isinstance(w, Quant4bit):
-        if jnp.dtype(dtype) == jnp.float32:
-            return jax.vmap(lambda q: dequantize_4bit(q, dtype))(w)
-        hi, lo = jax.vmap(lambda q: dequantize_4bit_halves(q, dtype))(w)  # [E, out, in / 2] each
-        return jnp.stack([hi, lo], axis=-1).reshape(hi.shape[:-1] + (-1,))
+        def one(q):
+            if jnp.dtype(dtype) == jnp.float32:
+                return dequantize_4bit(q, dtype)
+            hi, lo = dequantize_4bit_halves(q, dtype)  # [out, in / 2] each
+            return jnp.stack([hi, lo], axis=-1).reshape(hi.shape[:-1] + (-1,))
+        num = w.packed.shape[0]
+        if chunk and chunk < num and num % chunk == 0:
+            return jax.lax.map(one, w, batch_size=chunk)
+        return jax.vmap(one)(w)
     return w.astype(dtype)
 
 
@@ -131,23 +145,25 @@ def materialize_experts(w: jax.Array | Quant4bit, dtype: Any) -> jax.Array:
 materialize_experts_jit = jax.jit(materialize_experts, static_argnames=("dtype",))
 
 
-@jax.custom_vjp
-def frozen_grouped_matmul(x: jax.Array, w: jax.Array | Quant4bit, group_sizes: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def frozen_grouped_matmul(x: jax.Array, w: jax.Array | Quant4bit, group_sizes: jax.Array,
+                          chunk: int | None = None) -> jax.Array:
     """``x [M, in]`` (rows grouped by expert, ``group_sizes [E]``) times ``W_e^T`` -> ``[M, out]``.
 
     Like ``layers.frozen_matmul``: no gradient for the frozen ``W [E, out, in]``, and only ``W``
-    as stored is saved for the backward pass (``dx = ragged_dot(g, W)``).
+    as stored is saved for the backward pass (``dx = ragged_dot(g, W)``). ``chunk``: see
+    :func:`materialize_experts`.
     """
-    return jax.lax.ragged_dot(x, jnp.swapaxes(materialize_experts(w, x.dtype), 1, 2), group_sizes)
+    return jax.lax.ragged_dot(x, jnp.swapaxes(materialize_experts(w, x.dtype, chunk), 1, 2), group_sizes)
 
 
-def _frozen_grouped_fwd(x, w, group_sizes):
-    return frozen_grouped_matmul(x, w, group_sizes), (w, group_sizes)
+def _frozen_grouped_fwd(x, w, group_sizes, chunk):
+    return frozen_grouped_matmul(x, w, group_sizes, chunk), (w, group_sizes)
 
 
-def _frozen_grouped_bwd(res, g):
+def _frozen_grouped_bwd(chunk, res, g):
     w, group_sizes = res
-    return jax.lax.ragged_dot(g, materialize_experts(w, g.dtype), group_sizes), None, None
+    return jax.lax.ragged_dot(g, materialize_experts(w, g.dtype, chunk), group_sizes), None, None
 
 
 frozen_grouped_matmul.defvjp(_frozen_grouped_fwd, _frozen_grouped_bwd)
@@ -182,10 +198,11 @@ class ExpertLinear(nnx.Module):
     def adapted(self) -> bool:
         return self.lora_a is not None
 
-    def __call__(self, x: jax.Array, group_sizes: jax.Array, *, lora_enabled: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, group_sizes: jax.Array, *, lora_enabled: bool = True,
+                 chunk: int | None = None) -> jax.Array:
         """``x [M, in]`` sorted by expert -> ``[M, out]`` in the compute dtype."""
         x = x.astype(self.dtype)
-        y = frozen_grouped_matmul(x, self.weight.get_value(), group_sizes)
+        y = frozen_grouped_matmul(x, self.weight.get_value(), group_sizes, chunk)
         if not (self.adapted and lora_enabled):
             return y
         a = self.lora_a.get_value().astype(self.dtype)  # [E, r, in]
@@ -217,10 +234,11 @@ class Experts(nnx.Module):
         self.gate_up_proj = ExpertLinear(e, h, 2 * i, lora=lora["gate_up_proj"], **kw)
         self.down_proj = ExpertLinear(e, i, h, lora=lora["down_proj"], **kw)
 
-    def __call__(self, x, group_sizes, *, lora_enabled: bool = True):
-        gate_up = checkpoint_name(self.gate_up_proj(x, group_sizes, lora_enabled=lora_enabled), "gate_up_proj")
+    def __call__(self, x, group_sizes, *, lora_enabled: bool = True, chunk: int | None = None):
+        gate_up = checkpoint_name(self.gate_up_proj(x, group_sizes, lora_enabled=lora_enabled, chunk=chunk),
+                                  "gate_up_proj")
         gate, up = jnp.split(gate_up, 2, axis=-1)  # [T * k, inter] each; saved by remat "projections"
-        return self.down_proj(jax.nn.silu(gate) * up, group_sizes, lora_enabled=lora_enabled)
+        return self.down_proj(jax.nn.silu(gate) * up, group_sizes, lora_enabled=lora_enabled, chunk=chunk)
 
 
 def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
@@ -273,13 +291,40 @@ class SparseMoeBlock(nnx.Module):
         logits = self.gate(tokens)  # [T, E] float32
         self.router_logits = nnx.Intermediate(logits)
         weights, experts = route(logits, self.top_k, self.norm_topk_prob)  # [T, k]
-        flat = experts.reshape(-1)  # assignment j = token j // k, its (j % k)-th expert
-        order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
-        token_of = order // self.top_k
-        group_sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
-        y = self.experts(tokens[token_of], group_sizes, lora_enabled=lora_enabled)  # [T * k, hidden]
-        y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
-        return jnp.zeros_like(y, shape=(b * s, h)).at[token_of].add(y).reshape(b, s, h)
+        groups = layers.batch_shards(b)
+        if groups == 1:
+            return _dispatch(self.experts, tokens, weights, experts, self.num_experts, lora_enabled).reshape(b, s, h)
+        # Under the training mesh each ("data", "fsdp") shard sorts and computes its own tokens'
+        # assignments: a sort over the whole batch would gather every shard's tokens onto every
+        # chip. shard_map, not vmap: jax 0.10.2 batches ragged_dot only with the weights batched
+        # too. The experts (4-bit codes, adapters) enter whole and each chip decodes all E, E / G
+        # at a time (the share it decoded before; the partitioner then gathered them in bf16).
+        # Gathering bf16 decoded outside the map measured worse per v5e chip for Qwen3-30B-A3B.
+        mesh = layers.activation_mesh()
+        rows = jax.sharding.PartitionSpec(tuple(a for a in ("data", "fsdp") if a in mesh.shape))
+        graphdef, state = nnx.split(self.experts)
+
+        def local(state, tokens, weights, experts):
+            return _dispatch(nnx.merge(graphdef, state), tokens, weights, experts, self.num_experts, lora_enabled,
+                             chunk)
+        chunk = self.num_experts // groups if self.num_experts % groups == 0 else None
+        y = jax.shard_map(local, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), rows, rows, rows),
+                          out_specs=rows, check_vma=False)(state, tokens, weights, experts)
+        return y.reshape(b, s, h)
+
+
+def _dispatch(module: Experts, tokens: jax.Array, weights: jax.Array, experts: jax.Array, num_experts: int,
+              lora_enabled: bool, chunk: int | None = None) -> jax.Array:
+    """``tokens [T, h]``, their routing ``weights`` / ``experts [T, k]`` -> ``[T, h]``: the ``T * k``
+    assignments sorted by expert, the grouped matmuls, the probability-weighted sum per token."""
+    top_k = experts.shape[-1]
+    flat = experts.reshape(-1)  # assignment j = token j // k, its (j % k)-th expert
+    order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
+    token_of = order // top_k
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    y = module(tokens[token_of], group_sizes, lora_enabled=lora_enabled, chunk=chunk)  # [T * k, hidden]
+    y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
+    return jnp.zeros_like(y, shape=tokens.shape).at[token_of].add(y)
 
 
 def load_balancing_loss(router_logits: jax.Array, top_k: int, attention_mask: jax.Array | None = None) -> jax.Array:
