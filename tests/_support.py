@@ -124,3 +124,21 @@ def torch_logits(model, ids: np.ndarray) -> np.ndarray:
 
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def f32_logits_error(model, reference, ids: np.ndarray, segment_ids: np.ndarray, label: str) -> tuple[float, np.ndarray]:
+    """``model``'s float32 logits through ``hidden_states`` + ``logits_from_hidden`` (shapes and
+    dtype checked) against transformers' ``reference``: ``(max |diff|, reference logits)``."""
+    import chex
+    import jax.numpy as jnp
+
+    batch, seq = ids.shape
+    hidden = model.hidden_states(jnp.asarray(ids), segment_ids=jnp.asarray(segment_ids))
+    chex.assert_shape(hidden, (batch, seq, model.config.hidden_size))
+    logits = model.logits_from_hidden(hidden)
+    chex.assert_shape(logits, (batch, seq, model.config.vocab_size))
+    chex.assert_type(logits, jnp.float32)
+    ref = torch_logits(reference, ids)
+    err = max_abs(logits, ref)
+    print(f"{label}: max |logit diff| vs transformers = {err:.2e}")
+    return err, ref

@@ -24,12 +24,11 @@ import os
 import subprocess
 import sys
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _support import REPO, max_abs, require, tensors_of, torch_logits
+from _support import REPO, f32_logits_error, max_abs, require, tensors_of, torch_logits
 
 torch = require("torch")
 transformers = require("transformers")
@@ -126,14 +125,7 @@ def test_f32_logits_match_transformers(family, f32_models):
     if family != "mistral":
         assert c.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
         assert c.embed_scale and c.norm_plus_one and c.sandwich_norms and c.hidden_act == "gelu_pytorch_tanh"
-    hidden = model.hidden_states(jnp.asarray(IDS), segment_ids=jnp.asarray(ONE_SEGMENT))
-    chex.assert_shape(hidden, (2, SEQ, HIDDEN))
-    logits = model.logits_from_hidden(hidden)
-    chex.assert_shape(logits, (2, SEQ, VOCAB))
-    chex.assert_type(logits, jnp.float32)
-    ref = torch_logits(reference, IDS)
-    err = max_abs(logits, ref)
-    print(f"{family}: max |logit diff| vs transformers = {err:.2e}")
+    err, ref = f32_logits_error(model, reference, IDS, ONE_SEGMENT, family)
     assert err <= PARITY_TOL
     for name in ABLATIONS[family]:  # each feature really moves the reference
         moved = max_abs(torch_logits(ablated(family, name), IDS), ref)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _support import REPO, max_abs, randomize_, require, tensors_of, torch_logits
+from _support import REPO, f32_logits_error, max_abs, randomize_, require, tensors_of, torch_logits
 from flax import nnx
 
 torch = require("torch")
@@ -97,14 +97,7 @@ def test_config_parses_the_phi3_features(f32_model):
 
 
 def test_f32_logits_match_transformers(f32_model):
-    hidden = f32_model.hidden_states(jnp.asarray(IDS), segment_ids=jnp.asarray(ONE_SEGMENT))
-    chex.assert_shape(hidden, (2, SEQ, HIDDEN))
-    logits = f32_model.logits_from_hidden(hidden)
-    chex.assert_shape(logits, (2, SEQ, VOCAB))
-    chex.assert_type(logits, jnp.float32)
-    ref = torch_logits(REFERENCE, IDS)
-    err = max_abs(logits, ref)
-    print(f"phi3: max |logit diff| vs transformers = {err:.2e}")
+    err, ref = f32_logits_error(f32_model, REFERENCE, IDS, ONE_SEGMENT, "phi3")
     assert err <= PARITY_TOL
     assert max_abs(f32_model(jnp.asarray(IDS)), ref) <= PARITY_TOL  # the unpacked path too
     ablations = {"window": dict(sliding_window=None),

@@ -202,8 +202,10 @@ def gguf_metadata(source: GGUFSource, key: str, default: Any = _MISSING) -> Any:
     return field.contents()
 
 
+@functools.cache
 def block_names(arch: str = "llama") -> dict[str, str]:
-    """GGUF block tensor part (``attn_q``) -> transformers module (``self_attn.q_proj``) for ``arch``."""
+    """GGUF block tensor part (``attn_q``) -> transformers module (``self_attn.q_proj``) for ``arch``
+    (cached: do not modify the returned dict)."""
     return {**_BLOCK_NAMES, **dict(ARCHITECTURES[arch].names)} if arch in ARCHITECTURES else dict(_BLOCK_NAMES)
 
 

@@ -41,6 +41,7 @@ written as it arrives, so only one float tensor is in memory at a time.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -70,6 +71,12 @@ ROPE_FREQS = "rope_freqs.weight"
 _ROUTER = "ffn_gate_inp"  # MoE router: kept F32, as llama.cpp's converter does
 
 
+@functools.cache
+def _hf_block_names(arch: str) -> dict[str, str]:
+    """transformers module (``self_attn.q_proj``) -> GGUF block tensor part (``attn_q``)."""
+    return {hf: g for g, hf in gguf_reader.block_names(arch).items()}
+
+
 def hf_to_gguf_names(name: str, arch: str = "llama") -> list[str]:
     """The GGUF tensor(s) a transformers tensor is stored as: one, or Qwen3-MoE's fused
     ``mlp.experts.gate_up_proj`` as ``[ffn_gate_exps, ffn_up_exps]``. KeyError if unknown."""
@@ -80,7 +87,7 @@ def hf_to_gguf_names(name: str, arch: str = "llama") -> list[str]:
         layer, rest = parts[2], ".".join(parts[3:])
         if arch == "qwen3moe" and rest == gguf_reader.EXPERTS_GATE_UP:
             return [f"blk.{layer}.{half}.weight" for half in gguf_reader.EXPERT_HALVES]
-        block = {hf: g for g, hf in gguf_reader.block_names(arch).items()}
+        block = _hf_block_names(arch)
         if rest in block and rest.startswith("mlp.experts."):
             return [f"blk.{layer}.{block[rest]}.weight"]
         module, kind = ".".join(parts[3:-1]), parts[-1]

@@ -72,10 +72,9 @@ def shard_activation(x: jax.Array, feature_axis: str | None = None) -> jax.Array
     if mesh is None:
         return x
     sizes = dict(mesh.shape)
-    rows = sizes.get("data", 1) * sizes.get("fsdp", 1)
-    if rows == 1 and (feature_axis is None or sizes.get(feature_axis, 1) == 1):
+    if sizes.get("data", 1) * sizes.get("fsdp", 1) == 1 and (feature_axis is None or sizes.get(feature_axis, 1) == 1):
         return x
-    batch = ("data", "fsdp") if x.shape[0] % rows == 0 and rows > 1 else None
+    batch = ("data", "fsdp") if batch_shards(x.shape[0]) > 1 else None
     last = feature_axis if feature_axis and sizes.get(feature_axis, 1) > 1 and x.shape[-1] % sizes[feature_axis] == 0 else None
     spec = jax.sharding.PartitionSpec(batch, *([None] * (x.ndim - 2)), last)
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))

@@ -211,7 +211,7 @@ def build_model(config: ModelConfig | dict | str, tensors: Iterable[tuple[str, A
             placed[path] = place(name, value)
 
     if config.num_experts:  # per-expert checkpoint tensors -> the fused [E, ...] ones (models/moe.py)
-        tensors = moe.fuse_expert_tensors(tensors, config.num_experts)
+        tensors = moe.fuse_expert_tensors(tensors, config.num_experts, _as_numpy)
     for name, tensor in tensors:
         slot = table.get(name)
         if slot is None:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -79,13 +79,14 @@ def hf_param_name(name: str) -> str:
 _PER_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 
 
-def fuse_expert_tensors(tensors: Iterable[tuple[str, Any]], num_experts: int) -> Iterator[tuple[str, Any]]:
+def fuse_expert_tensors(tensors: Iterable[tuple[str, Any]], num_experts: int,
+                        to_numpy: Callable[[Any], np.ndarray] = np.asarray) -> Iterator[tuple[str, Any]]:
     """Checkpoints on the Hub (and transformers 5's ``save_pretrained``) store one tensor per expert,
     ``mlp.experts.{e}.{gate,up,down}_proj.weight``; yield the fused ``mlp.experts.gate_up_proj``
     ``[E, 2 inter, hidden]`` (gate rows first, as transformers' conversion) and ``down_proj``
     ``[E, hidden, inter]`` as soon as one layer's ``3 E`` tensors are in (host memory: one layer's
     experts at most). Other names pass through; a layer left incomplete is passed through as is
-    (build_model then names the tensors it does not know)."""
+    (build_model then names the tensors it does not know). ``to_numpy``: the loader's host conversion."""
     pending: dict[str, dict[tuple[str, int], Any]] = {}
     for name, tensor in tensors:
         m = _PER_EXPERT.fullmatch(name)
@@ -97,21 +98,13 @@ def fuse_expert_tensors(tensors: Iterable[tuple[str, Any]], num_experts: int) ->
         if len(group) == 3 * num_experts and all((p, e) in group for p in ("gate_proj", "up_proj", "down_proj")
                                                  for e in range(num_experts)):
             del pending[m.group(1)]
-            arr = {k: np.asarray(_host(v)) for k, v in group.items()}
+            arr = {k: to_numpy(v) for k, v in group.items()}
             yield m.group(1) + ".gate_up_proj", np.stack(
                 [np.concatenate([arr[("gate_proj", e)], arr[("up_proj", e)]]) for e in range(num_experts)])
             yield m.group(1) + ".down_proj", np.stack([arr[("down_proj", e)] for e in range(num_experts)])
     for prefix, group in pending.items():
         for (p, e), tensor in group.items():
             yield f"{prefix}.{e}.{p}.weight", tensor
-
-
-def _host(x: Any) -> Any:
-    """A numpy-convertible array (a torch tensor is moved to the host; bf16 through float32)."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-        return x.float().numpy().astype(jnp.bfloat16) if str(x.dtype) == "torch.bfloat16" else x.numpy()
-    return x
 
 
 def materialize_experts(w: jax.Array | Quant4bit, dtype: Any, chunk: int | None = None) -> jax.Array:
@@ -303,11 +296,11 @@ class SparseMoeBlock(nnx.Module):
         mesh = layers.activation_mesh()
         rows = jax.sharding.PartitionSpec(tuple(a for a in ("data", "fsdp") if a in mesh.shape))
         graphdef, state = nnx.split(self.experts)
+        chunk = self.num_experts // groups if self.num_experts % groups == 0 else None
 
         def local(state, tokens, weights, experts):
             return _dispatch(nnx.merge(graphdef, state), tokens, weights, experts, self.num_experts, lora_enabled,
                              chunk)
-        chunk = self.num_experts // groups if self.num_experts % groups == 0 else None
         y = jax.shard_map(local, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), rows, rows, rows),
                           out_specs=rows, check_vma=False)(state, tokens, weights, experts)
         return y.reshape(b, s, h)

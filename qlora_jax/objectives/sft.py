@@ -42,15 +42,15 @@ def nll_sums(graphdef: Any, lora: Any, rest: Any, batch: dict[str, jax.Array], *
     """
     model = nnx.merge(graphdef, lora, rest)
     c = model.config
-    if not (router_aux and c.num_experts and c.output_router_logits):
-        model, h = forward(graphdef, lora, rest, batch, key=key, deterministic=deterministic)
-        return masked_nll_sum(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"],
-                              logit_soft_cap=c.final_logit_softcap)
-    h, router_logits = model.hidden_and_router_logits(
-        batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-        deterministic=deterministic, rngs=key)
+    kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=key)
+    if router_aux and c.num_experts and c.output_router_logits:
+        h, router_logits = model.hidden_and_router_logits(batch["input_ids"], **kw)
+    else:
+        h, router_logits = model.hidden_states(batch["input_ids"], **kw), None
     s, n = masked_nll_sum(h, model.lm_head_weight(), batch["targets"], batch["loss_mask"],
                           logit_soft_cap=c.final_logit_softcap)
+    if router_logits is None:
+        return s, n
     aux = model.router_aux_loss(router_logits, batch["segment_ids"] > 0)
     return s + c.router_aux_loss_coef * aux * n, n
 
